@@ -1,0 +1,106 @@
+"""Gradient clipping across the TP group and gradient averaging across the DP group."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .. import comm
+from ..errors import ParallelSizeError
+from . import parallel_state
+from .utils import is_tensor_parallel
+
+DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+
+
+def _as_list(parameters) -> list[torch.Tensor]:
+    return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+
+
+def clip_grad_norm(parameters, max_norm: float, norm_type: float = 2, group=None) -> torch.Tensor:
+    """Clip gradients by their total norm over the whole (unsharded) model and return that norm.
+
+    Sharded parameters contribute on every TP rank; replicated ones only on TP
+    rank 0, so each element is counted once. `norm_type` may be `inf`. Equals
+    `torch.nn.utils.clip_grad_norm_` on the unsharded model; the TP group
+    defaults to the one `parallel_state` set up.
+    """
+    group = parallel_state.get_tensor_model_parallel_group() if group is None else group
+    norm_type = float(norm_type)
+    params = [p for p in _as_list(parameters) if p.grad is not None]
+    first_in_group = dist.get_rank(group) == 0
+    counted = [p.grad for p in params if is_tensor_parallel(p) or first_in_group]
+    device = params[0].grad.device if params else torch.device("cpu")
+    if counted:
+        per_tensor = torch.stack([torch.linalg.vector_norm(g.detach(), norm_type, dtype=torch.float32) for g in counted])
+        local = per_tensor.max() if norm_type == float("inf") else per_tensor.pow(norm_type).sum()
+    else:
+        local = torch.zeros((), dtype=torch.float32, device=device)
+    local = local.reshape(1)
+    if norm_type == float("inf"):
+        total_norm = comm.all_reduce(local, op="max", group=group)[0]
+    else:
+        total_norm = comm.all_reduce(local, op="sum", group=group)[0].pow(1.0 / norm_type)
+    clip_coef = float(max_norm) / (total_norm + 1e-6)
+    if clip_coef < 1.0:
+        for p in params:
+            p.grad.detach().mul_(clip_coef.to(p.grad.dtype))
+    return total_norm
+
+
+def _resolve_data_parallel_group(group, groups):
+    if group is not None and groups is not None:
+        raise ValueError("pass either group (a process group) or groups (rank lists), not both.")
+    if groups is None:
+        return parallel_state.get_data_parallel_group() if group is None else group
+    if groups != parallel_state.get_data_parallel_group(as_list=True):
+        raise ParallelSizeError(
+            "groups must be parallel_state.get_data_parallel_group(as_list=True); "
+            "for another grouping pass its process group as group=."
+        )
+    return parallel_state.get_data_parallel_group()
+
+
+def all_reduce_gradients(parameters: Iterable[torch.Tensor], group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+    """Average gradients over the DP group, in buckets of at most `bucket_bytes` per dtype."""
+    group = parallel_state.get_data_parallel_group() if group is None else group
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
+    for bucket in _buckets(grads, bucket_bytes):
+        flat = _flatten_dense_tensors(bucket)
+        comm.all_reduce(flat, op="sum", group=group)
+        flat.div_(world)
+        for grad, averaged in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            grad.copy_(averaged)
+
+
+def _buckets(grads: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    by_kind: dict[tuple, list[list[torch.Tensor]]] = {}
+    for grad in grads:
+        buckets = by_kind.setdefault((grad.dtype, grad.device), [[]])
+        current = buckets[-1]
+        current_bytes = sum(g.numel() * g.element_size() for g in current)
+        if current and current_bytes + grad.numel() * grad.element_size() > bucket_bytes:
+            buckets.append([grad])
+        else:
+            current.append(grad)
+    return [bucket for buckets in by_kind.values() for bucket in buckets if bucket]
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, group=None, groups=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+    """Average gradients over the DP group, then step the optimizer.
+
+    The device-agnostic replacement for the seed's
+    `xm.optimizer_step(optimizer, groups=parallel_state.get_data_parallel_group(as_list=True))`:
+    `groups` accepts that same rank-list form, `group` a process group; by default
+    the DP group `parallel_state` set up.
+    """
+    group = _resolve_data_parallel_group(group, groups)
+    params = [p for param_group in optimizer.param_groups for p in param_group["params"]]
+    all_reduce_gradients(params, group=group, bucket_bytes=bucket_bytes)
+    return optimizer.step()
