@@ -45,13 +45,14 @@ class TorchEngine:
         dist.all_reduce(tensor, op=op, group=group)
 
     def all_gather(self, tensor, group):
-        out = tensor.new_empty((dist.get_world_size(group), *tensor.shape))
-        dist.all_gather_into_tensor(out, tensor, group=group)
-        return out
+        world = dist.get_world_size(group)
+        out = tensor.new_empty(world * tensor.numel())
+        dist.all_gather_single(out, tensor.reshape(-1), group=group)
+        return out.view(world, *tensor.shape)
 
     def reduce_scatter(self, tensor, op, group):
         out = tensor.new_empty(tensor.shape[1:])
-        dist.reduce_scatter_tensor(out, tensor, op=op, group=group)
+        dist.reduce_scatter_single(out.view(-1), tensor.view(-1), op=op, group=group)
         return out
 
     def broadcast_(self, tensor, group_src, group):

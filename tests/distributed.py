@@ -1,0 +1,125 @@
+"""A pool of worker processes with a real gloo process group, reused across test cases.
+
+`WorkerPool(world_size).run(fn, *args)` calls `fn(*args)` on every rank and
+returns the per-rank results. `fn` must be importable (a module-level function).
+If a rank raises or the call times out, the pool is torn down (so no rank stays
+blocked in a collective) and the error is re-raised with every rank's traceback.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+import traceback
+
+DEFAULT_TIMEOUT_S = 300
+
+
+def _worker_main(rank: int, world_size: int, store_path: str, conn) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store_path}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S),
+    )
+    while True:
+        message = conn.recv()
+        if message is None:
+            break
+        fn, args, kwargs = message
+        try:
+            conn.send(("ok", fn(*args, **kwargs)))
+        except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
+            conn.send(("error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class WorkerError(AssertionError):
+    """A test case failed on one or more ranks."""
+
+
+class WorkerPool:
+    """`world_size` spawned processes in one gloo world, kept alive between cases."""
+
+    def __init__(self, world_size: int, env: dict[str, str] | None = None):
+        self.world_size = world_size
+        self._store_dir = tempfile.TemporaryDirectory(prefix="nxd-pool-")
+        store_path = os.path.join(self._store_dir.name, "store")
+        context = mp.get_context("spawn")
+        self._conns, self._procs = [], []
+        saved_env = {key: os.environ.get(key) for key in (env or {})}
+        os.environ.update(env or {})
+        try:
+            for rank in range(world_size):
+                parent, child = context.Pipe()
+                proc = context.Process(target=_worker_main, args=(rank, world_size, store_path, child), daemon=True)
+                proc.start()
+                self._conns.append(parent)
+                self._procs.append(proc)
+        finally:
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    @property
+    def alive(self) -> bool:
+        return all(proc.is_alive() for proc in self._procs)
+
+    def run(self, fn, *args, timeout: float = DEFAULT_TIMEOUT_S, **kwargs) -> list:
+        """Run `fn(*args, **kwargs)` on every rank; return the results in rank order."""
+        for conn in self._conns:
+            conn.send((fn, args, kwargs))
+        results, errors = [None] * self.world_size, {}
+        for rank, conn in enumerate(self._conns):
+            if not conn.poll(timeout):
+                errors[rank] = f"no answer within {timeout} s"
+                break
+            status, value = conn.recv()
+            if status == "ok":
+                results[rank] = value
+            else:
+                errors[rank] = value
+                break
+        if errors:
+            self.close(force=True)
+            details = "\n".join(f"--- rank {rank} ---\n{text}" for rank, text in errors.items())
+            raise WorkerError(f"{fn.__qualname__} failed on {self.world_size} ranks:\n{details}")
+        return results
+
+    def close(self, force: bool = False) -> None:
+        """Stop the workers (kill them when `force`) and remove the store."""
+        for conn, proc in zip(self._conns, self._procs):
+            if force:
+                proc.kill()
+            elif proc.is_alive():
+                try:
+                    conn.send(None)
+                except (BrokenPipeError, OSError):
+                    proc.kill()
+        for proc in self._procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self._store_dir.cleanup()
+
+
+def with_model_parallel(tensor_parallel_size: int, fn, *args, **kwargs):
+    """Worker-side: run `fn` between initialize_model_parallel and destroy_model_parallel."""
+    from neuronx_distributed import parallel_state
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        parallel_state.destroy_model_parallel()

@@ -1,0 +1,64 @@
+"""Small models built twice: with torch.nn layers (the reference) and with the TP layers.
+
+Built with the same seed, the TP model's shards are slices of the reference's
+parameters, parameter for parameter, under the same names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuronx_distributed.parallel_layers import ColumnParallelLinear, RowParallelLinear, parallel_state
+
+
+class MLP(nn.Module):
+    """fc1 (Column, gather_output=False) -> GELU -> fc2 (Row, input_is_parallel=True)."""
+
+    def __init__(self, hidden: int, ffn: int, parallel: bool):
+        super().__init__()
+        if parallel:
+            self.fc1 = ColumnParallelLinear(hidden, ffn, gather_output=False)
+            self.fc2 = RowParallelLinear(ffn, hidden, input_is_parallel=True)
+        else:
+            self.fc1, self.fc2 = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SelfAttention(nn.Module):
+    """BERT-style self-attention as the seed shards it: Q, K, V Column layers, output Row layer.
+
+    With `fused_qkv` one Column layer of stride 3 computes Q, K and V together.
+    """
+
+    def __init__(self, hidden: int, heads: int, parallel: bool, fused_qkv: bool = False):
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_size() if parallel else 1
+        self.heads, self.head_dim, self.fused_qkv = heads // tp, hidden // heads, fused_qkv
+        names = ["qkv"] if fused_qkv else ["query", "key", "value"]
+        width = 3 * hidden if fused_qkv else hidden
+        for name in names:
+            if parallel:
+                layer = ColumnParallelLinear(hidden, width, gather_output=False, stride=3 if fused_qkv else 1)
+            else:
+                layer = nn.Linear(hidden, width)
+            setattr(self, name, layer)
+        self.output = RowParallelLinear(hidden, hidden, input_is_parallel=True) if parallel else nn.Linear(hidden, hidden)
+
+    def _heads(self, x):
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x):
+        if self.fused_qkv:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.query(x), self.key(x), self.value(x)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        context = (scores.softmax(-1) @ v).transpose(1, 2).flatten(-2)
+        return self.output(context)
