@@ -236,3 +236,35 @@ def _case_clip_norm_types(norm_type):
 @pytest.mark.parametrize("norm_type", [1, 2, 3.5, float("inf")])
 def test_clip_grad_norm_types(pools, norm_type):
     pools.run(4, 4, _case_clip_norm_types, norm_type)
+
+
+def _case_torch_sees_the_same_collectives(case_name):
+    """PyTorch's own CommDebugMode, on the torch engine, counts what our log counts."""
+    import os
+
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    case = CASES[case_name]
+    os.environ[comm.BACKEND_ENV] = "torch"
+    try:
+        torch.manual_seed(0)
+        model = case.build(parallel=True)
+        x = torch.randn(BATCH, SEQ, HIDDEN, requires_grad=True)
+        with CommDebugMode() as forward_mode:
+            out = model(x)
+        with CommDebugMode() as backward_mode:
+            out.sum().backward()
+    finally:
+        del os.environ[comm.BACKEND_ENV]
+    names = {"c10d.allreduce_": "all_reduce", "c10d._allgather_base_": "all_gather"}
+
+    def counts(mode):
+        return Counter({names.get(str(op), str(op)): n for op, n in mode.get_comm_counts().items()})
+
+    assert counts(forward_mode) == Counter(case.forward_collectives)
+    assert counts(backward_mode) == Counter(case.backward_collectives)
+
+
+@pytest.mark.parametrize("case_name", ["mlp", "attention_fused_qkv", "attention_seed", "column_gather"])
+def test_torch_comm_debug_mode_agrees(pools, case_name):
+    pools.run(2, 2, _case_torch_sees_the_same_collectives, case_name)
