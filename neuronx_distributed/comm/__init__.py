@@ -17,6 +17,7 @@ from .collectives import (
     record_collectives,
     reduce_scatter,
     register_shm_engine,
+    shm_engine_available,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "record_collectives",
     "reduce_scatter",
     "register_shm_engine",
+    "shm_engine_available",
 ]

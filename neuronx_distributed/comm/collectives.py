@@ -32,6 +32,11 @@ def register_shm_engine(engine: Engine) -> None:
     _shm_engine = engine
 
 
+def shm_engine_available() -> bool:
+    """Whether the shared-memory engine is installed (it still runs only where it `supports` the call)."""
+    return _shm_engine is not None
+
+
 def backend_choice() -> str:
     """The engine choice from NXD_COMM_BACKEND: auto (default), shm or torch."""
     choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
