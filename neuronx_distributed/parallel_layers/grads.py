@@ -98,7 +98,9 @@ def optimizer_step(optimizer: torch.optim.Optimizer, group=None, groups=None, bu
     The device-agnostic replacement for the seed's
     `xm.optimizer_step(optimizer, groups=parallel_state.get_data_parallel_group(as_list=True))`:
     `groups` accepts that same rank-list form, `group` a process group; by default
-    the DP group `parallel_state` set up.
+    the DP group `parallel_state` set up. The seed clips before this call, so each
+    replica clips by its own local norm; to match the unsharded model exactly with
+    DP > 1, call `all_reduce_gradients`, then `clip_grad_norm`, then `optimizer.step()`.
     """
     group = _resolve_data_parallel_group(group, groups)
     params = [p for param_group in optimizer.param_groups for p in param_group["params"]]
