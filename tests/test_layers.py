@@ -216,7 +216,7 @@ def test_any_number_of_leading_dims(pools, shape):
     assert pools.run(2, 2, _case_leading_dims, shape) == [0, 1]
 
 
-def _case_clip_norm_types(norm_type):
+def _case_clip_norm_types(norm_type, max_norm):
     tp_size, tp_rank = parallel_state.get_tensor_model_parallel_size(), parallel_state.get_tensor_model_parallel_rank()
     torch.manual_seed(3)
     ref = MLP(HIDDEN, FFN, parallel=False)
@@ -225,17 +225,18 @@ def _case_clip_norm_types(norm_type):
     x = torch.randn(BATCH, SEQ, HIDDEN, generator=torch.Generator().manual_seed(4))
     ref(x).pow(2).sum().backward()
     mlp(x).pow(2).sum().backward()
-    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1, norm_type=norm_type)
-    norm = clip_grad_norm(mlp.parameters(), 0.1, norm_type=norm_type)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm, norm_type=norm_type)
+    norm = clip_grad_norm(mlp.parameters(), max_norm, norm_type=norm_type)
     torch.testing.assert_close(norm, ref_norm, **TOL)
     ref_params = dict(ref.named_parameters())
     for name, param in mlp.named_parameters():
         torch.testing.assert_close(param.grad, expected_shard(ref_params[name].grad, param, tp_rank, tp_size), **TOL)
 
 
+@pytest.mark.parametrize("max_norm", [0.1, 1e6], ids=["clipped", "unclipped"])
 @pytest.mark.parametrize("norm_type", [1, 2, 3.5, float("inf")])
-def test_clip_grad_norm_types(pools, norm_type):
-    pools.run(4, 4, _case_clip_norm_types, norm_type)
+def test_clip_grad_norm_types(pools, norm_type, max_norm):
+    pools.run(4, 4, _case_clip_norm_types, norm_type, max_norm)
 
 
 def _case_torch_sees_the_same_collectives(case_name):

@@ -44,10 +44,10 @@ def clip_grad_norm(parameters, max_norm: float, norm_type: float = 2, group=None
         total_norm = comm.all_reduce(local, op="max", group=group)[0]
     else:
         total_norm = comm.all_reduce(local, op="sum", group=group)[0].pow(1.0 / norm_type)
-    clip_coef = float(max_norm) / (total_norm + 1e-6)
-    if clip_coef < 1.0:
-        for p in params:
-            p.grad.detach().mul_(clip_coef.to(p.grad.dtype))
+    # Clamped rather than compared, so that no device-to-host sync is needed (as torch does).
+    clip_coef = (float(max_norm) / (total_norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.detach().mul_(clip_coef.to(p.grad.dtype))
     return total_norm
 
 
