@@ -1,0 +1,154 @@
+// Reductions written once as portable loops that the compiler vectorizes; on x86-64 each entry
+// point is also cloned for x86-64-v3 (AVX2, FMA, F16C) and the loader picks the clone the CPU
+// runs (GCC function multiversioning), so one build runs on any x86-64 and on arm64.
+#include "reduce_kernels.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "errors.hpp"
+
+#if !defined(__FLT16_MAX__)
+#error "the reduction kernels need the _Float16 type: build with GCC >= 12 or Clang >= 15"
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NXD_CPU_DISPATCH __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define NXD_CPU_DISPATCH
+#endif
+
+#define NXD_INLINE inline __attribute__((always_inline))
+
+namespace nxd {
+namespace {
+
+// How a stored element type widens to its accumulator and narrows back.
+struct Float32Traits {
+  using Stored = float;
+  using Acc = float;
+  static NXD_INLINE Acc load(Stored v) { return v; }
+  static NXD_INLINE Stored store(Acc v) { return v; }
+};
+
+struct Float64Traits {
+  using Stored = double;
+  using Acc = double;
+  static NXD_INLINE Acc load(Stored v) { return v; }
+  static NXD_INLINE Stored store(Acc v) { return v; }
+};
+
+struct Float16Traits {
+  using Stored = _Float16;
+  using Acc = float;
+  static NXD_INLINE Acc load(Stored v) { return static_cast<float>(v); }
+  static NXD_INLINE Stored store(Acc v) { return static_cast<_Float16>(v); }
+};
+
+// bfloat16 is the upper half of a float32: widen by shifting, narrow rounding to nearest even.
+struct BFloat16Traits {
+  using Stored = uint16_t;
+  using Acc = float;
+  static NXD_INLINE Acc load(Stored v) {
+    const uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float out;
+    std::memcpy(&out, &bits, sizeof(out));
+    return out;
+  }
+  static NXD_INLINE Stored store(Acc v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const uint32_t quiet_nan = (bits >> 16) | 0x40u;
+    return static_cast<Stored>(v != v ? quiet_nan : rounded);
+  }
+};
+
+struct SumOp {
+  template <typename Acc>
+  static NXD_INLINE Acc combine(Acc acc, Acc x) { return acc + x; }
+};
+
+// NaN-propagating maximum, like torch.maximum.
+struct MaxOp {
+  template <typename Acc>
+  static NXD_INLINE Acc combine(Acc acc, Acc x) { return (acc >= x || acc != acc) ? acc : x; }
+};
+
+// Elements reduced per block: the accumulators of one block stay in L1.
+constexpr size_t kBlock = 1024;
+
+template <typename Traits, typename Op>
+NXD_INLINE void reduce_blocks(void* dst_raw, const void* const* srcs_raw, size_t n_src, size_t count) {
+  using Stored = typename Traits::Stored;
+  using Acc = typename Traits::Acc;
+  auto* dst = static_cast<Stored*>(dst_raw);
+  Acc acc[kBlock];
+  for (size_t base = 0; base < count; base += kBlock) {
+    const size_t n = std::min(kBlock, count - base);
+    const auto* first = static_cast<const Stored*>(srcs_raw[0]) + base;
+    for (size_t i = 0; i < n; ++i) acc[i] = Traits::load(first[i]);
+    for (size_t s = 1; s < n_src; ++s) {
+      const auto* src = static_cast<const Stored*>(srcs_raw[s]) + base;
+      for (size_t i = 0; i < n; ++i) acc[i] = Op::combine(acc[i], Traits::load(src[i]));
+    }
+    for (size_t i = 0; i < n; ++i) dst[base + i] = Traits::store(acc[i]);
+  }
+}
+
+NXD_CPU_DISPATCH void reduce_float32(ReduceOp op, void* dst, const void* const* srcs, size_t n, size_t count) {
+  if (op == ReduceOp::Sum) reduce_blocks<Float32Traits, SumOp>(dst, srcs, n, count);
+  else reduce_blocks<Float32Traits, MaxOp>(dst, srcs, n, count);
+}
+
+NXD_CPU_DISPATCH void reduce_float64(ReduceOp op, void* dst, const void* const* srcs, size_t n, size_t count) {
+  if (op == ReduceOp::Sum) reduce_blocks<Float64Traits, SumOp>(dst, srcs, n, count);
+  else reduce_blocks<Float64Traits, MaxOp>(dst, srcs, n, count);
+}
+
+NXD_CPU_DISPATCH void reduce_bfloat16(ReduceOp op, void* dst, const void* const* srcs, size_t n, size_t count) {
+  if (op == ReduceOp::Sum) reduce_blocks<BFloat16Traits, SumOp>(dst, srcs, n, count);
+  else reduce_blocks<BFloat16Traits, MaxOp>(dst, srcs, n, count);
+}
+
+NXD_CPU_DISPATCH void reduce_float16(ReduceOp op, void* dst, const void* const* srcs, size_t n, size_t count) {
+  if (op == ReduceOp::Sum) reduce_blocks<Float16Traits, SumOp>(dst, srcs, n, count);
+  else reduce_blocks<Float16Traits, MaxOp>(dst, srcs, n, count);
+}
+
+}  // namespace
+
+size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return 4;
+    case DType::Float64: return 8;
+    case DType::BFloat16: return 2;
+    case DType::Float16: return 2;
+  }
+  throw UnsupportedArgument("unknown dtype code " + std::to_string(static_cast<int>(dtype)));
+}
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return "float32";
+    case DType::Float64: return "float64";
+    case DType::BFloat16: return "bfloat16";
+    case DType::Float16: return "float16";
+  }
+  return "unknown dtype";
+}
+
+const char* reduce_op_name(ReduceOp op) { return op == ReduceOp::Sum ? "sum" : "max"; }
+
+void reduce(DType dtype, ReduceOp op, void* dst, const void* const* srcs, size_t n_src, size_t count) {
+  if (n_src == 0 || count == 0) return;
+  switch (dtype) {
+    case DType::Float32: return reduce_float32(op, dst, srcs, n_src, count);
+    case DType::Float64: return reduce_float64(op, dst, srcs, n_src, count);
+    case DType::BFloat16: return reduce_bfloat16(op, dst, srcs, n_src, count);
+    case DType::Float16: return reduce_float16(op, dst, srcs, n_src, count);
+  }
+  throw UnsupportedArgument(std::string("cannot reduce elements of ") + dtype_name(dtype));
+}
+
+}  // namespace nxd

@@ -1,0 +1,22 @@
+// Element-wise reductions over several source buffers, chosen at run time for the CPU.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace nxd {
+
+enum class DType : uint8_t { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
+enum class ReduceOp : uint8_t { Sum = 0, Max = 1 };
+
+size_t dtype_size(DType dtype);
+const char* dtype_name(DType dtype);
+const char* reduce_op_name(ReduceOp op);
+
+// dst[i] = op(srcs[0][i], srcs[1][i], ..., srcs[n_src - 1][i]) for i < count, combined in
+// source order and accumulated in float32 (float64 for Float64), so every caller that
+// passes the same sources gets bit-identical results. Max propagates NaN. `dst` may alias
+// one of the sources.
+void reduce(DType dtype, ReduceOp op, void* dst, const void* const* srcs, size_t n_src, size_t count);
+
+}  // namespace nxd

@@ -1,0 +1,462 @@
+#include "shm_group.hpp"
+
+#include <linux/futex.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstring>
+#include <new>
+#include <sstream>
+
+#include "errors.hpp"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define NXD_CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define NXD_CPU_RELAX() asm volatile("yield" ::: "memory")
+#else
+#define NXD_CPU_RELAX() asm volatile("" ::: "memory")
+#endif
+
+namespace nxd {
+
+constexpr uint64_t kMagic = 0x6e78642d73686d31ULL;  // "nxd-shm1"
+constexpr uint32_t kLayoutVersion = 1;
+constexpr size_t kSlotAlignment = 4096;
+// Chunks up to this size are reduced whole by every rank in one step; larger ones in two
+// steps, each rank reducing one share, which moves less data per rank.
+constexpr size_t kDirectReduceBytes = 32 << 10;
+// Waiting: spin this many pauses, then yield the core until kYieldPhase has passed, then
+// sleep on the futex in slices of kSleepSlice, checking peers' liveness every kLivenessPeriod.
+constexpr int kSpinIterations = 4000;
+constexpr auto kYieldPhase = std::chrono::microseconds(500);
+constexpr long kSleepSliceNs = 2'000'000;
+constexpr auto kLivenessPeriod = std::chrono::milliseconds(50);
+
+struct SegmentHeader {
+  uint64_t magic;
+  uint32_t layout_version;
+  int32_t size;
+  uint64_t slot_bytes;
+  alignas(64) std::atomic<uint32_t> attached;
+  alignas(64) std::atomic<int32_t> aborted_by;  // -1 while no rank has failed
+  std::atomic<uint32_t> abort_published;        // set once abort_reason is written
+  char abort_reason[1024];
+  alignas(64) std::atomic<uint32_t> wake_word;  // futex word, bumped to wake sleepers
+  std::atomic<uint32_t> sleepers;
+};
+
+// One per rank, on its own pair of cache lines: written by its rank, read by all.
+struct alignas(128) RankLine {
+  std::atomic<uint64_t> step;
+  uint64_t call_head[2];   // Call::pack_head() of the call at step s, indexed by s % 2
+  uint64_t call_count[2];  // Call::count of the call at step s, indexed by s % 2
+  ProcessIdentity process;
+};
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+size_t round_up(size_t value, size_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+size_t lines_offset() { return round_up(sizeof(SegmentHeader), alignof(RankLine)); }
+
+size_t slots_offset(int size) { return round_up(lines_offset() + sizeof(RankLine) * size, kSlotAlignment); }
+
+long futex(std::atomic<uint32_t>* word, int op, uint32_t value, const timespec* timeout) {
+  return ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, value, timeout, nullptr, 0);
+}
+
+const char* kind_name(int kind) {
+  static const char* names[] = {"?", "all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier"};
+  return kind >= 1 && kind <= 5 ? names[kind] : names[0];
+}
+
+void validate_config(const GroupConfig& config) {
+  const int size = static_cast<int>(config.global_ranks.size());
+  if (size < 1) throw UnsupportedArgument("a group needs at least one rank");
+  if (config.rank < 0 || config.rank >= size) {
+    throw UnsupportedArgument("rank " + std::to_string(config.rank) + " is outside a group of " +
+                              std::to_string(size) + " ranks");
+  }
+  if (config.slot_bytes < kSlotAlignment || config.slot_bytes % kSlotAlignment != 0 ||
+      config.slot_bytes < static_cast<size_t>(size) * 64) {
+    throw UnsupportedArgument("slot_bytes must be a multiple of 4096 and at least 64 bytes per rank, got " +
+                              std::to_string(config.slot_bytes));
+  }
+  if (!(config.timeout_s > 0)) throw UnsupportedArgument("timeout must be positive");
+}
+
+}  // namespace
+
+uint64_t ShmGroup::Call::pack_head() const {
+  return static_cast<uint64_t>(kind) | static_cast<uint64_t>(dtype) << 8 | static_cast<uint64_t>(op) << 16 |
+         static_cast<uint64_t>(static_cast<uint32_t>(root)) << 32;
+}
+
+std::string ShmGroup::Call::describe() const {
+  std::ostringstream text;
+  text << kind_name(static_cast<int>(kind)) << "(";
+  switch (kind) {
+    case Kind::AllReduce:
+    case Kind::ReduceScatter:
+      text << reduce_op_name(op) << ", " << dtype_name(dtype) << ", " << count << " elements";
+      break;
+    case Kind::AllGather: text << count << " bytes"; break;
+    case Kind::Broadcast: text << count << " bytes from rank " << root; break;
+    case Kind::Barrier: break;
+  }
+  text << ")";
+  return text.str();
+}
+
+size_t ShmGroup::segment_bytes(int size, size_t slot_bytes) { return slots_offset(size) + 2 * size * slot_bytes; }
+
+std::unique_ptr<ShmGroup> ShmGroup::create(const GroupConfig& config) {
+  validate_config(config);
+  remove_orphaned_segments();
+  const int size = static_cast<int>(config.global_ranks.size());
+  SharedSegment segment = SharedSegment::create(config.segment, segment_bytes(size, config.slot_bytes));
+  auto* header = new (segment.data()) SegmentHeader();
+  header->magic = kMagic;
+  header->layout_version = kLayoutVersion;
+  header->size = size;
+  header->slot_bytes = config.slot_bytes;
+  header->aborted_by.store(-1);
+  char* lines = static_cast<char*>(segment.data()) + lines_offset();
+  for (int r = 0; r < size; ++r) new (lines + r * sizeof(RankLine)) RankLine();
+  return std::unique_ptr<ShmGroup>(new ShmGroup(config, std::move(segment)));
+}
+
+std::unique_ptr<ShmGroup> ShmGroup::attach(const GroupConfig& config) {
+  validate_config(config);
+  SharedSegment segment = SharedSegment::open(config.segment);
+  const int size = static_cast<int>(config.global_ranks.size());
+  const auto* header = static_cast<const SegmentHeader*>(segment.data());
+  if (segment.size() < sizeof(SegmentHeader) || header->magic != kMagic ||
+      header->layout_version != kLayoutVersion || header->size != size ||
+      segment.size() != segment_bytes(size, header->slot_bytes)) {
+    throw SegmentError("shared-memory segment " + config.segment + " does not hold a group of " +
+                       std::to_string(size) + " ranks of this engine version; all ranks must run the same build");
+  }
+  GroupConfig attached = config;
+  attached.slot_bytes = header->slot_bytes;
+  return std::unique_ptr<ShmGroup>(new ShmGroup(attached, std::move(segment)));
+}
+
+ShmGroup::ShmGroup(const GroupConfig& config, SharedSegment segment)
+    : segment_(std::move(segment)),
+      header_(static_cast<SegmentHeader*>(segment_.data())),
+      lines_(static_cast<char*>(segment_.data()) + lines_offset()),
+      slots_(static_cast<char*>(segment_.data()) + slots_offset(static_cast<int>(config.global_ranks.size()))),
+      name_(config.segment),
+      rank_(config.rank),
+      size_(static_cast<int>(config.global_ranks.size())),
+      slot_bytes_(config.slot_bytes),
+      global_ranks_(config.global_ranks),
+      timeout_s_(config.timeout_s),
+      sources_(config.global_ranks.size()) {
+  line(rank_).process = current_process();
+  header_->attached.fetch_add(1, std::memory_order_seq_cst);
+}
+
+ShmGroup::~ShmGroup() {
+  if (!unlinked_) {
+    try {
+      SharedSegment::unlink(name_);
+    } catch (const SegmentError&) {
+      // Nothing to report from a destructor; a later run removes orphaned segments.
+    }
+  }
+}
+
+void ShmGroup::wait_for_peers() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto start = Clock::now();
+  while (header_->attached.load(std::memory_order_acquire) < static_cast<uint32_t>(size_)) {
+    if (Clock::now() - start > std::chrono::duration<double>(timeout_s_.load())) {
+      std::string missing;
+      for (int r = 0; r < size_; ++r) {
+        if (line(r).process.pid == 0) missing += (missing.empty() ? "" : ", ") + describe_rank(r);
+      }
+      SharedSegment::unlink(name_);
+      unlinked_ = true;
+      fail(missing + " of " + label() + " did not attach to the shared-memory segment within " +
+           std::to_string(timeout_s_.load()) + " s; check that every rank of the group set it up");
+    }
+    ::usleep(100);
+  }
+  SharedSegment::unlink(name_);
+  unlinked_ = true;
+}
+
+std::string ShmGroup::label() const {
+  std::string text = "group [";
+  for (int r = 0; r < size_; ++r) text += (r ? ", " : "") + std::to_string(global_ranks_[r]);
+  return text + "]";
+}
+
+std::string ShmGroup::describe_rank(int rank) const {
+  return "rank " + std::to_string(rank) + " (global rank " + std::to_string(global_ranks_[rank]) + ", pid " +
+         std::to_string(line(rank).process.pid) + ")";
+}
+
+void ShmGroup::set_timeout(double seconds) {
+  if (!(seconds > 0)) throw UnsupportedArgument("timeout must be positive");
+  timeout_s_.store(seconds);
+}
+
+char* ShmGroup::slot(uint64_t step, int rank) const {
+  return slots_ + ((step & 1) * size_ + rank) * slot_bytes_;
+}
+
+RankLine& ShmGroup::line(int rank) const { return *reinterpret_cast<RankLine*>(lines_ + rank * sizeof(RankLine)); }
+
+void ShmGroup::enter() {
+  if (!broken_.empty()) {
+    throw CollectiveFailure(label() + " is unusable after an earlier failure (" + broken_ +
+                            "); restart the job or create a new process group");
+  }
+  check_not_aborted();
+}
+
+uint64_t ShmGroup::step(const Call& call) {
+  const uint64_t step = ++step_;
+  RankLine& mine = line(rank_);
+  mine.call_head[step & 1] = call.pack_head();
+  mine.call_count[step & 1] = call.count;
+  mine.step.store(step, std::memory_order_seq_cst);
+  if (header_->sleepers.load(std::memory_order_seq_cst) != 0) wake_sleepers();
+  wait_for_step(step, call);
+  check_calls_agree(step, call);
+  return step;
+}
+
+int ShmGroup::first_behind(uint64_t step, int from) const {
+  for (int r = from; r < size_; ++r) {
+    if (line(r).step.load(std::memory_order_acquire) < step) return r;
+  }
+  return -1;
+}
+
+void ShmGroup::wait_for_step(uint64_t step, const Call& call) {
+  int behind = first_behind(step, 0);
+  if (behind < 0) return;
+  for (int i = 0; i < kSpinIterations; ++i) {
+    NXD_CPU_RELAX();
+    behind = first_behind(step, behind);
+    if (behind < 0) return;
+  }
+  const auto start = Clock::now();
+  auto next_liveness_check = start + kLivenessPeriod;
+  const auto timeout = std::chrono::duration<double>(timeout_s_.load());
+  while (true) {
+    check_not_aborted();
+    const auto now = Clock::now();
+    if (now - start < kYieldPhase) {
+      ::sched_yield();
+    } else {
+      sleep_until_behind_moves(step, behind);
+      if (now >= next_liveness_check) {
+        check_peers_alive(step, call);
+        next_liveness_check = now + kLivenessPeriod;
+      }
+      if (now - start > timeout) {
+        std::string stalled;
+        for (int r = 0; r < size_; ++r) {
+          if (line(r).step.load(std::memory_order_acquire) < step) {
+            stalled += (stalled.empty() ? "" : ", ") + describe_rank(r);
+          }
+        }
+        fail(stalled + " of " + label() + " did not reach " + call.describe() + " within " +
+             std::to_string(timeout_s_.load()) + " s while rank " + std::to_string(rank_) +
+             " waited: it is stalled or issued different collectives; raise the timeout if it is only slow");
+      }
+    }
+    behind = first_behind(step, behind);
+    if (behind < 0) return;
+  }
+}
+
+void ShmGroup::sleep_until_behind_moves(uint64_t step, int behind) {
+  const uint32_t seen = header_->wake_word.load(std::memory_order_seq_cst);
+  header_->sleepers.fetch_add(1, std::memory_order_seq_cst);
+  if (first_behind(step, behind) >= 0 && !header_->abort_published.load(std::memory_order_seq_cst)) {
+    const timespec slice{0, kSleepSliceNs};
+    futex(&header_->wake_word, FUTEX_WAIT, seen, &slice);
+  }
+  header_->sleepers.fetch_sub(1, std::memory_order_seq_cst);
+}
+
+void ShmGroup::wake_sleepers() {
+  header_->wake_word.fetch_add(1, std::memory_order_seq_cst);
+  futex(&header_->wake_word, FUTEX_WAKE, INT_MAX, nullptr);
+}
+
+void ShmGroup::check_peers_alive(uint64_t step, const Call& call) {
+  for (int r = 0; r < size_; ++r) {
+    if (line(r).step.load(std::memory_order_acquire) < step && !process_alive(line(r).process)) {
+      fail(describe_rank(r) + " of " + label() + " exited before " + call.describe() + " completed (rank " +
+           std::to_string(rank_) + " waited for it); the group cannot continue: restart the job");
+    }
+  }
+}
+
+void ShmGroup::check_calls_agree(uint64_t step, const Call& call) {
+  const uint64_t head = call.pack_head();
+  for (int r = 0; r < size_; ++r) {
+    const RankLine& peer = line(r);
+    if (peer.call_head[step & 1] == head && peer.call_count[step & 1] == call.count) continue;
+    Call other = call;
+    other.kind = static_cast<Kind>(peer.call_head[step & 1] & 0xff);
+    other.dtype = static_cast<DType>((peer.call_head[step & 1] >> 8) & 0xff);
+    other.op = static_cast<ReduceOp>((peer.call_head[step & 1] >> 16) & 0xff);
+    other.root = static_cast<int32_t>(peer.call_head[step & 1] >> 32);
+    other.count = peer.call_count[step & 1];
+    fail("ranks of " + label() + " issued different collectives: rank " + std::to_string(rank_) + " called " +
+         call.describe() + " while rank " + std::to_string(r) + " called " + other.describe() +
+         "; every rank of a group must issue the same collectives in the same order with the same sizes");
+  }
+}
+
+void ShmGroup::check_not_aborted() {
+  if (!header_->abort_published.load(std::memory_order_acquire)) return;
+  const int by = header_->aborted_by.load(std::memory_order_acquire);
+  broken_ = std::string(header_->abort_reason);
+  throw CollectiveFailure("collective aborted because rank " + std::to_string(by) + " of " + label() +
+                          " failed: " + broken_);
+}
+
+void ShmGroup::fail(const std::string& reason) {
+  broken_ = reason;
+  int32_t expected = -1;
+  if (header_->aborted_by.compare_exchange_strong(expected, rank_)) {
+    const size_t n = std::min(reason.size(), sizeof(header_->abort_reason) - 1);
+    std::memcpy(header_->abort_reason, reason.data(), n);
+    header_->abort_reason[n] = '\0';
+    header_->abort_published.store(1, std::memory_order_seq_cst);
+  }
+  wake_sleepers();
+  throw CollectiveFailure(reason);
+}
+
+void ShmGroup::all_reduce(void* data, size_t count, DType dtype, ReduceOp op) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  enter();
+  const Call call{Kind::AllReduce, dtype, op, -1, count};
+  const size_t element = dtype_size(dtype);
+  if (count == 0) {
+    step(call);
+    return;
+  }
+  const size_t chunk = slot_bytes_ / element;
+  auto* bytes = static_cast<char*>(data);
+  for (size_t done = 0; done < count; done += chunk) {
+    all_reduce_chunk(bytes + done * element, std::min(chunk, count - done), element, dtype, op, call);
+  }
+}
+
+void ShmGroup::all_reduce_chunk(char* data, size_t count, size_t element, DType dtype, ReduceOp op,
+                                const Call& call) {
+  std::memcpy(slot(step_ + 1, rank_), data, count * element);
+  const uint64_t gathered = step(call);
+  if (count * element <= kDirectReduceBytes) {
+    for (int r = 0; r < size_; ++r) sources_[r] = slot(gathered, r);
+    reduce(dtype, op, data, sources_.data(), size_, count);
+    return;
+  }
+  // Rank r reduces share r into its slot of the next set; then every rank copies every share.
+  const size_t per_share = round_up((count + size_ - 1) / size_, 64 / element);
+  auto share_begin = [&](int r) { return std::min(count, r * per_share); };
+  auto share_end = [&](int r) { return std::min(count, (r + 1) * per_share); };
+  const size_t begin = share_begin(rank_) * element;
+  for (int r = 0; r < size_; ++r) sources_[r] = slot(gathered, r) + begin;
+  reduce(dtype, op, slot(gathered + 1, rank_) + begin, sources_.data(), size_, share_end(rank_) - share_begin(rank_));
+  const uint64_t reduced = step(call);
+  for (int r = 0; r < size_; ++r) {
+    const size_t offset = share_begin(r) * element;
+    std::memcpy(data + offset, slot(reduced, r) + offset, share_end(r) * element - offset);
+  }
+}
+
+void ShmGroup::all_gather(const void* in, void* out, size_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  enter();
+  const Call call{Kind::AllGather, DType::Float32, ReduceOp::Sum, -1, bytes};
+  if (bytes == 0) {
+    step(call);
+    return;
+  }
+  const auto* input = static_cast<const char*>(in);
+  auto* output = static_cast<char*>(out);
+  for (size_t done = 0; done < bytes; done += slot_bytes_) {
+    const size_t n = std::min(slot_bytes_, bytes - done);
+    std::memcpy(slot(step_ + 1, rank_), input + done, n);
+    const uint64_t gathered = step(call);
+    for (int r = 0; r < size_; ++r) {
+      std::memcpy(output + r * bytes + done, r == rank_ ? input + done : slot(gathered, r), n);
+    }
+  }
+}
+
+void ShmGroup::reduce_scatter(const void* in, void* out, size_t count, DType dtype, ReduceOp op) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  enter();
+  const Call call{Kind::ReduceScatter, dtype, op, -1, count};
+  const size_t element = dtype_size(dtype);
+  if (count == 0) {
+    step(call);
+    return;
+  }
+  // Each step moves `chunk` elements of every row: row r goes to rank r's part of the slot.
+  const size_t chunk = slot_bytes_ / (element * size_);
+  const auto* input = static_cast<const char*>(in);
+  auto* output = static_cast<char*>(out);
+  for (size_t done = 0; done < count; done += chunk) {
+    const size_t n = std::min(chunk, count - done);
+    char* mine = slot(step_ + 1, rank_);
+    for (int r = 0; r < size_; ++r) {
+      if (r != rank_) std::memcpy(mine + r * n * element, input + (r * count + done) * element, n * element);
+    }
+    const uint64_t gathered = step(call);
+    for (int r = 0; r < size_; ++r) {
+      sources_[r] = r == rank_ ? input + (rank_ * count + done) * element : slot(gathered, r) + rank_ * n * element;
+    }
+    reduce(dtype, op, output + done * element, sources_.data(), size_, n);
+  }
+}
+
+void ShmGroup::broadcast(void* data, size_t bytes, int root) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  enter();
+  if (root < 0 || root >= size_) {
+    throw UnsupportedArgument("broadcast root " + std::to_string(root) + " is outside " + label());
+  }
+  const Call call{Kind::Broadcast, DType::Float32, ReduceOp::Sum, root, bytes};
+  if (bytes == 0) {
+    step(call);
+    return;
+  }
+  auto* buffer = static_cast<char*>(data);
+  for (size_t done = 0; done < bytes; done += slot_bytes_) {
+    const size_t n = std::min(slot_bytes_, bytes - done);
+    if (rank_ == root) std::memcpy(slot(step_ + 1, root), buffer + done, n);
+    const uint64_t published = step(call);
+    if (rank_ != root) std::memcpy(buffer + done, slot(published, root), n);
+  }
+}
+
+void ShmGroup::barrier() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  enter();
+  step(Call{Kind::Barrier, DType::Float32, ReduceOp::Sum, -1, 0});
+}
+
+}  // namespace nxd

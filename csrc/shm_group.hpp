@@ -1,0 +1,117 @@
+// The shared-memory collective engine: one segment per group of ranks on this host.
+//
+// Every rank owns one slot in each of two slot sets. A collective runs as a series of steps:
+// before step v a rank writes only its own slot of set v % 2 and then publishes v; after
+// every rank has published v, all read any slot of set v % 2 until they publish v + 1. So no
+// slot is overwritten while a peer may still read it, and a step costs one exchange of
+// cache lines. Waiting spins briefly, then yields, then sleeps on a futex, checking for dead
+// peers and the timeout, so ranks that outnumber the cores still make progress.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "process_identity.hpp"
+#include "reduce_kernels.hpp"
+#include "shm_segment.hpp"
+
+namespace nxd {
+
+struct GroupConfig {
+  std::string segment;             // shared-memory name, from segment_name()
+  int rank = 0;                    // this process's rank in the group
+  std::vector<int> global_ranks;   // the group's ranks in the job, for error messages
+  size_t slot_bytes = 1 << 20;     // bytes per rank and slot set: the largest step
+  double timeout_s = 1800;         // how long to wait for a peer before failing
+};
+
+struct SegmentHeader;
+struct RankLine;
+
+class ShmGroup {
+ public:
+  // Group rank 0 creates the segment; the others open it after learning its name. Both then
+  // call wait_for_peers(), after which the name is gone from /dev/shm.
+  static std::unique_ptr<ShmGroup> create(const GroupConfig& config);
+  static std::unique_ptr<ShmGroup> attach(const GroupConfig& config);
+  ~ShmGroup();
+
+  // Blocks until every rank has mapped the segment, then removes its name from /dev/shm
+  // (every rank does, so the name goes even if some rank dies right after).
+  void wait_for_peers();
+
+  // In place on `data` (`count` elements); every rank ends with bit-identical results.
+  void all_reduce(void* data, size_t count, DType dtype, ReduceOp op);
+  // `out` receives every rank's `bytes` of `in`, in rank order.
+  void all_gather(const void* in, void* out, size_t bytes);
+  // `in` holds size() rows of `count` elements; `out` receives the reduction of row rank().
+  void reduce_scatter(const void* in, void* out, size_t count, DType dtype, ReduceOp op);
+  // Overwrites `data` with rank `root`'s bytes.
+  void broadcast(void* data, size_t bytes, int root);
+  void barrier();
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  size_t slot_bytes() const { return slot_bytes_; }
+  void set_timeout(double seconds);
+  double timeout() const { return timeout_s_.load(); }
+  // A readable name for messages, e.g. "group [0, 1]".
+  std::string label() const;
+
+ private:
+  enum class Kind : uint8_t { AllReduce = 1, AllGather, ReduceScatter, Broadcast, Barrier };
+  // What a rank is doing at a step; every rank of the step must agree on it.
+  struct Call {
+    Kind kind;
+    DType dtype;
+    ReduceOp op;
+    int32_t root;
+    uint64_t count;
+    uint64_t pack_head() const;
+    std::string describe() const;
+  };
+
+  ShmGroup(const GroupConfig& config, SharedSegment segment);
+  static size_t segment_bytes(int size, size_t slot_bytes);
+
+  void all_reduce_chunk(char* data, size_t count, size_t element, DType dtype, ReduceOp op, const Call& call);
+  char* slot(uint64_t step, int rank) const;
+  RankLine& line(int rank) const;
+
+  // Throws if the group failed before, here or in a peer.
+  void enter();
+  // Publishes the next step with `call` and returns once every rank has published it.
+  uint64_t step(const Call& call);
+  void wait_for_step(uint64_t step, const Call& call);
+  void check_calls_agree(uint64_t step, const Call& call);
+  void check_not_aborted();
+  void check_peers_alive(uint64_t step, const Call& call);
+  int first_behind(uint64_t step, int from) const;
+  void sleep_until_behind_moves(uint64_t step, int behind);
+  void wake_sleepers();
+  [[noreturn]] void fail(const std::string& reason);
+  std::string describe_rank(int rank) const;
+
+  SharedSegment segment_;
+  SegmentHeader* header_;
+  char* lines_;
+  char* slots_;
+  std::string name_;
+  int rank_;
+  int size_;
+  size_t slot_bytes_;
+  std::vector<int> global_ranks_;
+  std::atomic<double> timeout_s_;
+  bool unlinked_ = false;
+  uint64_t step_ = 0;
+  std::vector<const void*> sources_;  // scratch: the buffers one reduction reads
+  std::string broken_;                // why the group is unusable, empty while it works
+  std::mutex mutex_;    // one collective at a time per group in this process
+};
+
+}  // namespace nxd
