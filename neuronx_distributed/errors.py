@@ -59,3 +59,7 @@ class UnsafeCheckpointError(CheckpointError, ValueError):
 
 class CheckpointSaveError(CheckpointError, RuntimeError):
     """A rank failed while writing; the checkpoint at the path is the previous one (or none)."""
+
+
+class CheckpointArgumentError(CheckpointError, ValueError):
+    """Arguments to `save` / `load` that cannot work together (e.g. sharded=False without a model)."""
