@@ -101,6 +101,8 @@ void broadcast(nxd::ShmGroup& group, CpuTensor& tensor, int root) {
 NB_MODULE(_C, m) {
   m.doc() = "neuronx_distributed C++ core: the shared-memory collective engine";
   m.attr("ABI_VERSION") = 2;
+  // Group handles are cached for the life of the process and freed after nanobind's leak check.
+  nb::set_leak_warnings(false);
 
   nb::exception<nxd::CollectiveFailure>(m, "CollectiveFailure", PyExc_RuntimeError);
   nb::exception<nxd::SegmentError>(m, "SegmentError", PyExc_OSError);

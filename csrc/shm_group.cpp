@@ -365,24 +365,32 @@ void ShmGroup::all_reduce(void* data, size_t count, DType dtype, ReduceOp op) {
 
 void ShmGroup::all_reduce_chunk(char* data, size_t count, size_t element, DType dtype, ReduceOp op,
                                 const Call& call) {
-  std::memcpy(slot(step_ + 1, rank_), data, count * element);
-  const uint64_t gathered = step(call);
   if (count * element <= kDirectReduceBytes) {
-    for (int r = 0; r < size_; ++r) sources_[r] = slot(gathered, r);
+    // One step: every rank reduces the whole chunk from every rank's copy, in rank order.
+    std::memcpy(slot(step_ + 1, rank_), data, count * element);
+    const uint64_t gathered = step(call);
+    for (int r = 0; r < size_; ++r) sources_[r] = r == rank_ ? data : slot(gathered, r);
     reduce(dtype, op, data, sources_.data(), size_, count);
     return;
   }
-  // Rank r reduces share r into its slot of the next set; then every rank copies every share.
-  const size_t per_share = round_up((count + size_ - 1) / size_, 64 / element);
-  auto share_begin = [&](int r) { return std::min(count, r * per_share); };
-  auto share_end = [&](int r) { return std::min(count, (r + 1) * per_share); };
-  const size_t begin = share_begin(rank_) * element;
-  for (int r = 0; r < size_; ++r) sources_[r] = slot(gathered, r) + begin;
-  reduce(dtype, op, slot(gathered + 1, rank_) + begin, sources_.data(), size_, share_end(rank_) - share_begin(rank_));
+  // Two steps: rank r reduces share r of the chunk (its own part straight from `data`) and
+  // publishes the result; then every rank copies the shares it did not reduce.
+  const size_t per_share = round_up((count + size_ - 1) / size_, 64 / element) * element;
+  const size_t bytes = count * element;
+  auto share_begin = [&](int r) { return std::min(bytes, r * per_share); };
+  auto share_bytes = [&](int r) { return std::min(bytes, (r + 1) * per_share) - share_begin(r); };
+  char* staged = slot(step_ + 1, rank_);
+  for (int r = 0; r < size_; ++r) {
+    if (r != rank_) std::memcpy(staged + share_begin(r), data + share_begin(r), share_bytes(r));
+  }
+  const uint64_t gathered = step(call);
+  const size_t begin = share_begin(rank_);
+  for (int r = 0; r < size_; ++r) sources_[r] = (r == rank_ ? data : slot(gathered, r)) + begin;
+  reduce(dtype, op, data + begin, sources_.data(), size_, share_bytes(rank_) / element);
+  std::memcpy(slot(gathered + 1, rank_) + begin, data + begin, share_bytes(rank_));
   const uint64_t reduced = step(call);
   for (int r = 0; r < size_; ++r) {
-    const size_t offset = share_begin(r) * element;
-    std::memcpy(data + offset, slot(reduced, r) + offset, share_end(r) * element - offset);
+    if (r != rank_) std::memcpy(data + share_begin(r), slot(reduced, r) + share_begin(r), share_bytes(r));
   }
 }
 

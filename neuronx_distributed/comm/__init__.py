@@ -2,7 +2,9 @@
 
 The C++ shared-memory engine runs when every rank of the group is on this host and
 the tensor is on CPU; torch.distributed (gloo, NCCL) runs otherwise.
-`NXD_COMM_BACKEND=auto|shm|torch` forces a choice (default auto).
+`NXD_COMM_BACKEND=auto|shm|torch` forces a choice (default auto). A collective of the
+shared-memory engine fails with CollectiveError when a peer dies, or stalls for longer than
+NXD_COMM_TIMEOUT seconds (default: torch.distributed's default timeout).
 """
 
 from .collectives import (
@@ -19,9 +21,13 @@ from .collectives import (
     register_shm_engine,
     shm_engine_available,
 )
+from .shm import ShmEngine
+
+register_shm_engine(ShmEngine())
 
 __all__ = [
     "BACKEND_ENV",
+    "ShmEngine",
     "CollectiveLog",
     "all_gather",
     "all_reduce",
