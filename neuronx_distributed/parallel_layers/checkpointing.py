@@ -1,0 +1,481 @@
+"""`save` and `load`: sharded checkpoints across the TP x DP job, and unsharded ones into a sharded model.
+
+save: DP rank 0 of each TP rank writes its shard file (`checkpoint_format`);
+global rank 0 then writes the manifest, the step that makes the checkpoint
+visible, and every rank returns once it is (or raises the same error).
+
+load: every rank first checks what it will read (keys, shapes, TP degree,
+checksums) without touching the model; only when every rank passed do the
+ranks of each host take turns, one at a time, to read their tensors, so no two
+processes on a host hold checkpoint data at once. Into a model, tensors are
+read and copied one at a time (peak memory: the model plus one tensor).
+
+Sharding of the saved tensors: model tensors are sharded as their parameters
+are (found by storage, `shard_registry`). Optimizer state (torch layout:
+"state" and "param_groups") of a sharded parameter is sharded like it when it
+has the parameter's shape. Optimizer index i is matched to the model entry
+named by its group's `param_names` (optimizers built from
+`model.named_parameters()`), otherwise to the i-th entry of the model's state
+dict (optimizers built from `model.parameters()` on a model without persistent
+buffers), checked by shape; state that cannot be matched is saved per rank and
+loads only at the same TP degree. Everything else is replicated: on resharding
+it comes from the source TP rank of the same index, else TP rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import (
+    CheckpointArgumentError,
+    CheckpointError,
+    CheckpointKeyError,
+    CheckpointSaveError,
+    CheckpointShapeError,
+)
+from . import checkpoint_format as fmt
+from . import parallel_state, shard_registry
+from .resharding import check_divisible, read_shard, shard_shape
+from .sharded_source import ShardedSource
+from .state_tree import decode, flatten
+from .unsharded import open_unsharded
+from .utils import tensor_model_parallel_attributes
+
+
+@dataclass(frozen=True)
+class _Placement:
+    tp_size: int
+    tp_rank: int
+    dp_rank: int
+    tp_group: object  # None outside initialize_model_parallel
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _placement() -> _Placement:
+    if parallel_state.model_parallel_is_initialized():
+        return _Placement(
+            parallel_state.get_tensor_model_parallel_size(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_data_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_group(),
+        )
+    return _Placement(1, 0, dist.get_rank() if dist.is_initialized() else 0, None)
+
+
+def _check_everywhere(placement: _Placement, error: BaseException | None, what: str, error_type=CheckpointError) -> None:
+    """Raise on every rank if any rank failed: its own error there, `error_type` naming it elsewhere."""
+    if placement.distributed:
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(rank, message) for rank, message in enumerate(messages) if message]
+    else:
+        failed = []
+    if error is not None:
+        raise error
+    if failed:
+        rank, message = failed[0]
+        raise error_type(f"{what} failed on rank {rank} ({len(failed)} rank(s) failed): {message}")
+
+
+# ---------------------------------------------------------------- save
+
+
+def _model_state(state, model_key: str | None) -> dict | None:
+    """The model's state dict inside `state`: under `model_key`, or `state` itself when it is all tensors."""
+    if not isinstance(state, dict):
+        return None
+    if model_key is not None and isinstance(state.get(model_key), dict):
+        return state[model_key]
+    if state and all(isinstance(value, torch.Tensor) for value in state.values()):
+        return state
+    return None
+
+
+def _optimizer_states(state):
+    """Every dict in `state` laid out like `torch.optim.Optimizer.state_dict()`."""
+    if isinstance(state, dict):
+        groups = state.get("param_groups")
+        if isinstance(state.get("state"), dict) and isinstance(groups, list) and all(isinstance(g, dict) and "params" in g for g in groups):
+            yield state
+            return
+        for value in state.values():
+            yield from _optimizer_states(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _optimizer_states(value)
+
+
+def _optimizer_param_keys(optimizer_state: dict, model: dict) -> dict:
+    """Optimizer parameter index -> model state-dict key (see the module docstring)."""
+    groups = optimizer_state["param_groups"]
+    if all(len(g.get("param_names", ())) == len(g["params"]) for g in groups):
+        return {index: name for g in groups for index, name in zip(g["params"], g["param_names"]) if name in model}
+    keys = list(model)
+    return {index: keys[index] for g in groups for index in g["params"] if isinstance(index, int) and 0 <= index < len(keys)}
+
+
+def _layouts(state, model_key: str | None) -> dict[int, tuple]:
+    """id(tensor) -> (layout, partition_dim, stride) for every tensor whose layout is not `replicated`."""
+    model = _model_state(state, model_key)
+    if model is None:
+        return {}
+    lookup = shard_registry.parameter_lookup()
+    layouts = {}
+    for value in model.values():
+        if isinstance(value, torch.Tensor):
+            attributes = tensor_model_parallel_attributes(value)
+            param = shard_registry.parameter_viewed_by(value, lookup) if not attributes else None
+            if param is not None:
+                attributes = tensor_model_parallel_attributes(param)
+            if attributes.get("tensor_model_parallel"):
+                layouts[id(value)] = (fmt.SHARDED, attributes["partition_dim"], attributes["partition_stride"])
+    for optimizer_state in _optimizer_states(state):
+        param_keys = _optimizer_param_keys(optimizer_state, model)
+        matched, found = {}, True
+        for index, per_param in optimizer_state["state"].items():
+            param = model.get(param_keys.get(index))
+            for value in per_param.values() if isinstance(per_param, dict) else ():
+                if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                    continue
+                if not isinstance(param, torch.Tensor) or value.shape != param.shape:
+                    found = False
+                elif id(param) in layouts:
+                    matched[id(value)] = layouts[id(param)]
+        if found:
+            layouts.update(matched)
+        else:
+            for per_param in optimizer_state["state"].values():
+                for value in per_param.values() if isinstance(per_param, dict) else ():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0:
+                        layouts[id(value)] = (fmt.LOCAL, None, 1)
+    return layouts
+
+
+def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors with no two sharing storage (safetensors' requirements)."""
+    storable, storages = {}, set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer and pointer in storages:
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        storable[name] = tensor
+    return storable
+
+
+def _write_rank_shard(state, save_dir: str, model_key, placement: _Placement, save_id: str):
+    flat = flatten(state)
+    layouts = _layouts(state, model_key)
+    entries = {}
+    for name, tensor in flat.tensors.items():
+        layout, dim, stride = layouts.get(id(tensor), (fmt.REPLICATED, None, 1))
+        entries[name] = fmt.TensorEntry(list(tensor.shape), fmt.dtype_name(tensor.dtype), layout, dim, stride)
+    file_entry = fmt.write_shard_file(save_dir, placement.tp_rank, save_id, _storable(flat.tensors), flat.structure)
+    has_model_key = isinstance(state, dict) and model_key in state
+    return file_entry, entries, model_key if has_model_key else None
+
+
+def _global_entries(entries_per_rank: list[dict]) -> dict[str, fmt.TensorEntry]:
+    """Merge the ranks' local entries into global ones: sharded shapes multiplied out, disagreements per-rank."""
+    world = len(entries_per_rank)
+    merged = {}
+    for name in dict.fromkeys(name for entries in entries_per_rank for name in entries):
+        per_rank = [entries.get(name) for entries in entries_per_rank]
+        first = next(entry for entry in per_rank if entry is not None)
+        if first.layout == fmt.SHARDED:
+            for rank, entry in enumerate(per_rank):
+                if entry != first:
+                    raise CheckpointSaveError(
+                        f"'{name}' is a shard {first} on TP rank 0 but {entry} on TP rank {rank}; every TP rank must "
+                        "save the same state dict structure (model.state_dict() of the same model)."
+                    )
+            shape = list(first.shape)
+            shape[first.partition_dim] *= world
+            merged[name] = fmt.TensorEntry(shape, first.dtype, fmt.SHARDED, first.partition_dim, first.partition_stride)
+        elif any(entry != first for entry in per_rank):
+            merged[name] = fmt.TensorEntry(list(first.shape), first.dtype, fmt.LOCAL)
+        else:
+            merged[name] = first
+    return merged
+
+
+def _broadcast_object(placement: _Placement, value, src: int = 0):
+    if not placement.distributed:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def save(state_dict, save_dir: str, model_key: str | None = "model") -> None:
+    """Save `state_dict` as a sharded checkpoint at `save_dir`, replacing any checkpoint there atomically.
+
+    Every rank calls it with its own state dict; DP rank 0 of each TP rank writes
+    `save_dir/tp_rank_XX/`, global rank 0 writes the manifest last, and every rank
+    returns once the checkpoint is complete. `model_key` names the entry holding
+    `model.state_dict()` (the seed's 'model'); a state dict of tensors alone is
+    the model itself. If any rank fails, every rank raises and the previous
+    checkpoint at `save_dir` (if any) stays the one that loads.
+    """
+    save_dir = os.fspath(save_dir)
+    placement = _placement()
+    save_id = _broadcast_object(placement, uuid.uuid4().hex)
+    writes = placement.dp_rank == 0
+    error, report = None, None
+    if writes:
+        try:
+            report = _write_rank_shard(state_dict, save_dir, model_key, placement, save_id)
+        except Exception as caught:  # reported to every rank below
+            error = caught
+    outcome = None
+    if writes:
+        reports = [None] * placement.tp_size
+        if placement.tp_group is not None and placement.tp_size > 1:
+            dist.gather_object(("ok", report) if error is None else ("error", f"{type(error).__name__}: {error}"),
+                               reports if placement.tp_rank == 0 else None, dst=dist.get_rank() - placement.tp_rank, group=placement.tp_group)
+        else:
+            reports[0] = ("ok", report) if error is None else ("error", f"{type(error).__name__}: {error}")
+        if placement.tp_rank == 0:
+            outcome = _commit(save_dir, save_id, reports, placement.tp_size)
+    outcome = _broadcast_object(placement, outcome)
+    if error is not None:
+        raise error
+    if outcome is not None:
+        raise CheckpointSaveError(f"saving {save_dir!r} failed, so its previous checkpoint (if any) is kept: {outcome}")
+
+
+def _commit(save_dir: str, save_id: str, reports: list, tp_size: int) -> str | None:
+    """Write the manifest if every TP rank wrote its shard; return None, or why the save failed."""
+    failures = [f"TP rank {rank}: {report[1]}" for rank, report in enumerate(reports) if report[0] != "ok"]
+    if failures:
+        return "; ".join(failures)
+    try:
+        files = [report[1][0] for report in reports]
+        tensors = _global_entries([report[1][1] for report in reports])
+        manifest = fmt.Manifest(tp_size, save_id, reports[0][1][2], files, tensors)
+        fmt.write_manifest(save_dir, manifest)
+    except Exception as error:  # noqa: BLE001 - returned to every rank
+        return f"{type(error).__name__}: {error}"
+    fmt.remove_stale(save_dir, manifest)
+    return None
+
+
+# ---------------------------------------------------------------- load
+
+
+class _TensorRef:
+    """A tensor of the checkpoint, not yet read."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _tie_groups(targets: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Model key -> every key of the same tensor object (tied weights)."""
+    by_object: dict[int, list[str]] = {}
+    for key, tensor in targets.items():
+        by_object.setdefault(id(tensor), []).append(key)
+    return {key: by_object[id(tensor)] for key, tensor in targets.items()}
+
+
+def _match_keys(targets: dict, available, strict: bool) -> dict[str, str]:
+    """Model key -> checkpoint key to read it from (a tied alias counts); raises on mismatches when strict."""
+    available = set(available)
+    ties = _tie_groups(targets)
+    sources = {}
+    for key in targets:
+        alias = next((candidate for candidate in ties[key] if candidate in available), None)
+        if alias is not None:
+            sources[key] = alias
+    missing = sorted(set(targets) - set(sources))
+    unexpected = sorted(available - set(targets))
+    if strict and (missing or unexpected):
+        raise CheckpointKeyError(
+            f"the checkpoint does not match the model: missing keys {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''}, unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}; "
+            "load into the model the checkpoint was saved from (or pass strict=False to skip them)."
+        )
+    return sources
+
+
+def _check_shape(key: str, target: torch.Tensor, shape: list[int], source_shape: list[int] | None = None) -> None:
+    if list(target.shape) != list(shape):
+        whole = f" (this rank's shard of {source_shape})" if source_shape is not None and source_shape != shape else ""
+        raise CheckpointShapeError(
+            f"'{key}': the checkpoint gives shape {tuple(shape)}{whole} but the model has {tuple(target.shape)}; "
+            "build the model with the sizes it was saved with."
+        )
+
+
+def _check_sharding(key: str, target: torch.Tensor, entry: fmt.TensorEntry, world_size: int) -> None:
+    attributes = tensor_model_parallel_attributes(target)
+    if world_size == 1 or not attributes.get("tensor_model_parallel"):
+        return
+    saved = (entry.partition_dim, entry.partition_stride) if entry.layout == fmt.SHARDED else None
+    wanted = (attributes["partition_dim"], attributes["partition_stride"])
+    if saved != wanted:
+        raise CheckpointShapeError(
+            f"'{key}' is sharded along dim {wanted[0]} with stride {wanted[1]} in the model but the checkpoint "
+            f"saved it {'along dim %d with stride %d' % saved if saved else 'unsharded'}; load into the same kind of layer."
+        )
+
+
+def _host_turns(placement: _Placement) -> tuple[int, int]:
+    """(this rank's turn, number of turns): the ranks of each host take turns in rank order."""
+    if not placement.distributed:
+        return 0, 1
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    me = dist.get_rank()
+    return [rank for rank, host in enumerate(hosts) if host == hosts[me]].index(me), max(Counter(hosts).values())
+
+
+def _in_turns(placement: _Placement, work) -> object:
+    """Run `work()` on each host's ranks one at a time; raise everywhere if it failed anywhere."""
+    my_turn, turns = _host_turns(placement)
+    result = None
+    for turn in range(turns):
+        error = None
+        if turn == my_turn:
+            try:
+                result = work()
+            except Exception as caught:  # reported to every rank
+                error = caught
+        _check_everywhere(placement, error, "loading the checkpoint")
+    return result
+
+
+@torch.no_grad()
+def _copy_into(targets: dict[str, torch.Tensor], sources: dict[str, str], read) -> None:
+    for key, source_key in sources.items():
+        targets[key].copy_(read(source_key))
+
+
+def _refs(tree) -> list[str]:
+    """Names of the `_TensorRef`s in a decoded tree."""
+    if isinstance(tree, _TensorRef):
+        return [tree.name]
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return [name for item in items for name in _refs(item)]
+
+
+def _resolved(tree, read):
+    """`tree` with each `_TensorRef` replaced by `read(name)`."""
+    if isinstance(tree, _TensorRef):
+        return read(tree.name)
+    if isinstance(tree, dict):
+        return {key: _resolved(value, read) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_resolved(value, read) for value in tree)
+    return tree
+
+
+def _load_sharded(load_dir, model, model_key, strict, verify, placement):
+    manifest = fmt.read_manifest(load_dir)
+    source = ShardedSource(load_dir, manifest, placement.tp_rank, placement.tp_size)
+    tree = decode(source.structure, _TensorRef)
+    targets, sources, rest = None, {}, tree
+    if model is not None:
+        model_tree = _model_state(tree, model_key)
+        if model_tree is None:
+            keys = sorted(map(str, tree)) if isinstance(tree, dict) else type(tree).__name__
+            raise CheckpointKeyError(
+                f"model_key {model_key!r} is not in the checkpoint at {load_dir!r} (its top-level keys: {keys}); "
+                "pass the key the model's state dict was saved under."
+            )
+        targets = model.state_dict(keep_vars=True)
+        refs = {key: value.name for key, value in model_tree.items() if isinstance(value, _TensorRef)}
+        sources = {key: refs[alias] for key, alias in _match_keys(targets, refs, strict).items()}
+        for key, name in sources.items():
+            source.check_loadable([name])
+            _check_shape(key, targets[key], source.local_shape(name), manifest.tensors[name].shape)
+            _check_sharding(key, targets[key], manifest.tensors[name], placement.tp_size)
+        rest = {key: value for key, value in tree.items() if key != model_key} if model_tree is not tree else {}
+    rest_names = _refs(rest)
+    source.check_loadable(rest_names)
+    if verify:
+        for entry in source.files_read([*sources.values(), *rest_names]):
+            fmt.verify_file(load_dir, entry)
+
+    def read_phase():
+        if targets is not None:
+            _copy_into(targets, sources, source.read)
+        return _resolved(rest, source.read)
+
+    return read_phase
+
+
+def _load_unsharded(path, model, model_key, strict, placement):
+    source = open_unsharded(path, model_key)
+    targets = model.state_dict(keep_vars=True)
+    sources = _match_keys(targets, source.keys(), strict)
+    plans = {}
+    for key, source_key in sources.items():
+        target, shape = targets[key], source.shape(source_key)
+        attributes = tensor_model_parallel_attributes(target)
+        if placement.tp_size > 1 and attributes.get("tensor_model_parallel"):
+            dim, stride = attributes["partition_dim"], attributes["partition_stride"]
+            if dim >= len(shape):
+                _check_shape(key, target, shape)
+            check_divisible(source_key, shape, dim, stride, placement.tp_size)
+            _check_shape(key, target, shard_shape(shape, dim, placement.tp_size), shape)
+            plans[source_key] = (shape, dim, stride)
+        else:
+            _check_shape(key, target, shape)
+
+    def read(source_key):
+        if source_key not in plans:
+            return source.read(source_key)
+        shape, dim, stride = plans[source_key]
+        return read_shard(
+            shape, dim, stride, 1, placement.tp_rank, placement.tp_size,
+            lambda _, start, stop: source.read(source_key, dim, start, stop),
+        )
+
+    return lambda: _copy_into(targets, sources, read)
+
+
+def load(load_dir: str, model: nn.Module | None = None, model_key: str | None = "model", sharded: bool = True,
+         strict: bool = True, verify: bool = True):
+    """Load this rank's part of a checkpoint, resharding it to the current TP degree.
+
+    `sharded=True` reads a checkpoint of `save`, saved at any TP degree that the
+    current one can cut (the manifest says how). With `model`, its entries under
+    `model_key` are copied into the model and the rest of the checkpoint dict is
+    returned; without, the whole dict is returned. `sharded=False` loads a
+    torch.save file (state dict under `model_key` or bare), a safetensors file or a
+    Hugging Face model folder into `model`, each rank reading only its slices, and
+    returns None. `strict=False` skips missing and unexpected keys; `verify=False`
+    skips the checksums. Nothing in the model changes unless every rank can load.
+    """
+    load_dir = os.fspath(load_dir)
+    placement = _placement()
+    if model is not None and not isinstance(model, nn.Module):
+        raise CheckpointArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    read_phase, error = None, None
+    try:
+        if sharded:
+            read_phase = _load_sharded(load_dir, model, model_key, strict, verify, placement)
+        elif model is None:
+            raise CheckpointArgumentError(
+                "load(..., sharded=False) needs the model to load into: an unsharded checkpoint is sliced by the "
+                "model's parameters; pass model=your_model."
+            )
+        else:
+            read_phase = _load_unsharded(load_dir, model, model_key, strict, placement)
+    except Exception as caught:  # every rank learns about it before any model changes
+        error = caught
+    _check_everywhere(placement, error, "checking the checkpoint")
+    return _in_turns(placement, read_phase)

@@ -1,0 +1,84 @@
+"""Read a sharded checkpoint as any TP rank of any TP degree sees it.
+
+Sharded tensors are cut from the slices of the source shards that the target
+rank needs (`resharding`); replicated and per-rank values, and the state
+structure, come from the source rank with the target's index when there is one,
+else from TP rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors import safe_open
+
+from ..errors import ReshardError
+from . import checkpoint_format as fmt
+from .resharding import check_divisible, read_shard, shard_shape
+from .state_tree import tensor_names
+
+
+class ShardedSource:
+    """The tensors and structure that TP rank `rank` of `world_size` loads from the checkpoint at `load_dir`."""
+
+    def __init__(self, load_dir: str, manifest: fmt.Manifest, rank: int, world_size: int):
+        self.load_dir, self.manifest, self.rank, self.world_size = load_dir, manifest, rank, world_size
+        self.source_world = manifest.tensor_parallel_size
+        self.source_rank = rank if rank < self.source_world else 0
+        self.structure = fmt.read_structure(load_dir, manifest.files[self.source_rank])
+
+    def names(self) -> list[str]:
+        """Every tensor name in this rank's structure."""
+        return list(dict.fromkeys(tensor_names(self.structure)))
+
+    def check_loadable(self, names) -> None:
+        """Raise ReshardError for any of `names` that cannot be cut for this TP degree."""
+        for name in names:
+            entry = self.manifest.tensors[name]
+            if entry.layout == fmt.LOCAL and self.world_size != self.source_world:
+                raise ReshardError(
+                    f"'{name}' holds a different value on each of the {self.source_world} TP ranks that saved it and "
+                    f"cannot be resharded to TP={self.world_size}; load with TP={self.source_world}. (Optimizer state "
+                    "is per-rank when its parameters could not be matched to the model: build the optimizer from "
+                    "model.named_parameters() to record the match.)"
+                )
+            if entry.layout == fmt.SHARDED:
+                check_divisible(name, entry.shape, entry.partition_dim, entry.partition_stride, self.world_size)
+
+    def local_shape(self, name: str) -> list[int]:
+        """The shape of this rank's tensor `name`."""
+        entry = self.manifest.tensors[name]
+        if entry.layout == fmt.SHARDED:
+            return shard_shape(entry.shape, entry.partition_dim, self.world_size)
+        return list(entry.shape)
+
+    def files_read(self, names) -> list[fmt.FileEntry]:
+        """The shard files that reading `names` touches."""
+        ranks = {self.source_rank}
+        if any(self.manifest.tensors[name].layout == fmt.SHARDED for name in names) and self.world_size != self.source_world:
+            ranks = set(range(self.source_world))
+        return [self.manifest.files[rank] for rank in sorted(ranks)]
+
+    def read(self, name: str) -> torch.Tensor:
+        """This rank's tensor `name`, cut from the source shards."""
+        entry = self.manifest.tensors[name]
+        if entry.layout != fmt.SHARDED or self.world_size == self.source_world:
+            return self._read_piece(self.source_rank, name, None, 0, 0)
+        dim = entry.partition_dim
+        return read_shard(
+            entry.shape,
+            dim,
+            entry.partition_stride,
+            self.source_world,
+            self.rank,
+            self.world_size,
+            lambda source, start, stop: self._read_piece(source, name, dim, start, stop),
+        )
+
+    def _read_piece(self, source: int, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        path = os.path.join(self.load_dir, self.manifest.files[source].path)
+        with safe_open(path, framework="pt") as file:
+            if dim is None:
+                return file.get_tensor(name)
+            return file.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)].contiguous()
