@@ -63,3 +63,43 @@ class CheckpointSaveError(CheckpointError, RuntimeError):
 
 class CheckpointArgumentError(CheckpointError, ValueError):
     """Arguments to `save` / `load` that cannot work together (e.g. sharded=False without a model)."""
+
+
+class TraceError(NeuronxDistributedError):
+    """Base class of the errors raised by `trace.parallel_model_trace`, `parallel_model_save` and `parallel_model_load`."""
+
+
+class MissingMainGuardError(TraceError, RuntimeError):
+    """The script starts tensor-parallel workers at import time, without `if __name__ == "__main__":`."""
+
+
+class TraceFunctionError(TraceError, TypeError):
+    """A model function or example inputs that the worker processes cannot receive."""
+
+
+class TracedInputError(TraceError, ValueError):
+    """Inputs to a traced model whose number, names, shapes or dtypes differ from the traced ones."""
+
+
+class TraceWorkerError(TraceError, RuntimeError):
+    """A worker raised while building, tracing, loading, saving or running its shard (its traceback included)."""
+
+
+class WorkerCrashedError(TraceError, RuntimeError):
+    """A worker process died; the traced model is closed and its other workers are stopped."""
+
+
+class TracedModelClosedError(TraceError, RuntimeError):
+    """A traced model used after `close()` or after one of its workers failed."""
+
+
+class TracedModelNotFoundError(TraceError, FileNotFoundError):
+    """No traced model (manifest or shard file) at the given path."""
+
+
+class TracedModelCorruptError(TraceError, RuntimeError):
+    """A traced model whose manifest cannot be read or whose shard file differs from the manifest."""
+
+
+class TracedModelSaveError(TraceError, RuntimeError):
+    """A traced model that cannot be saved at the given path; the path keeps what it had."""
