@@ -1,6 +1,8 @@
-// Reductions written once as portable loops that the compiler vectorizes; on x86-64 each entry
-// point is also cloned for x86-64-v3 (AVX2, FMA, F16C) and the loader picks the clone the CPU
-// runs (GCC function multiversioning), so one build runs on any x86-64 and on arm64.
+// Reductions written once as portable loops that the compiler vectorizes, instantiated twice on
+// x86-64: for the baseline and for x86-64-v3 (AVX2, FMA, F16C). The first call picks the set
+// that the CPU runs, so one build runs on any x86-64 (and the portable set on arm64). The choice
+// is a plain function-pointer table rather than ifunc multiversioning, whose resolvers run
+// before the sanitizer runtimes start.
 #include "reduce_kernels.hpp"
 
 #include <algorithm>
@@ -10,12 +12,6 @@
 
 #if !defined(__FLT16_MAX__)
 #error "the reduction kernels need the _Float16 type: build with GCC >= 12 or Clang >= 15"
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NXD_CPU_DISPATCH __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define NXD_CPU_DISPATCH
 #endif
 
 #define NXD_INLINE inline __attribute__((always_inline))
@@ -96,24 +92,46 @@ NXD_INLINE void reduce_blocks(void* dst_raw, const void* const* srcs_raw, size_t
   }
 }
 
-NXD_CPU_DISPATCH void reduce_float32(ReduceOp op, void* dst, const void* const* srcs, size_t n, size_t count) {
-  if (op == ReduceOp::Sum) reduce_blocks<Float32Traits, SumOp>(dst, srcs, n, count);
-  else reduce_blocks<Float32Traits, MaxOp>(dst, srcs, n, count);
+template <typename Traits>
+NXD_INLINE void reduce_typed(ReduceOp op, void* dst, const void* const* srcs, size_t n_src, size_t count) {
+  if (op == ReduceOp::Sum) reduce_blocks<Traits, SumOp>(dst, srcs, n_src, count);
+  else reduce_blocks<Traits, MaxOp>(dst, srcs, n_src, count);
 }
 
-NXD_CPU_DISPATCH void reduce_float64(ReduceOp op, void* dst, const void* const* srcs, size_t n, size_t count) {
-  if (op == ReduceOp::Sum) reduce_blocks<Float64Traits, SumOp>(dst, srcs, n, count);
-  else reduce_blocks<Float64Traits, MaxOp>(dst, srcs, n, count);
-}
+using Kernel = void (*)(ReduceOp, void*, const void* const*, size_t, size_t);
 
-NXD_CPU_DISPATCH void reduce_bfloat16(ReduceOp op, void* dst, const void* const* srcs, size_t n, size_t count) {
-  if (op == ReduceOp::Sum) reduce_blocks<BFloat16Traits, SumOp>(dst, srcs, n, count);
-  else reduce_blocks<BFloat16Traits, MaxOp>(dst, srcs, n, count);
-}
+// One kernel per dtype, indexed by DType.
+struct KernelSet {
+  Kernel by_dtype[4];
+};
 
-NXD_CPU_DISPATCH void reduce_float16(ReduceOp op, void* dst, const void* const* srcs, size_t n, size_t count) {
-  if (op == ReduceOp::Sum) reduce_blocks<Float16Traits, SumOp>(dst, srcs, n, count);
-  else reduce_blocks<Float16Traits, MaxOp>(dst, srcs, n, count);
+// Defines the kernel set `name`, each function compiled with `attributes`.
+#define NXD_DEFINE_KERNEL_SET(name, attributes)                                                  \
+  attributes void name##_float32(ReduceOp op, void* d, const void* const* s, size_t n, size_t c) {  \
+    reduce_typed<Float32Traits>(op, d, s, n, c);                                                 \
+  }                                                                                              \
+  attributes void name##_float64(ReduceOp op, void* d, const void* const* s, size_t n, size_t c) {  \
+    reduce_typed<Float64Traits>(op, d, s, n, c);                                                 \
+  }                                                                                              \
+  attributes void name##_bfloat16(ReduceOp op, void* d, const void* const* s, size_t n, size_t c) { \
+    reduce_typed<BFloat16Traits>(op, d, s, n, c);                                                \
+  }                                                                                              \
+  attributes void name##_float16(ReduceOp op, void* d, const void* const* s, size_t n, size_t c) {  \
+    reduce_typed<Float16Traits>(op, d, s, n, c);                                                 \
+  }                                                                                              \
+  constexpr KernelSet name{{name##_float32, name##_float64, name##_bfloat16, name##_float16}};
+
+NXD_DEFINE_KERNEL_SET(portable_kernels, )
+#if defined(__x86_64__)
+NXD_DEFINE_KERNEL_SET(x86_64_v3_kernels, __attribute__((target("arch=x86-64-v3"))))
+#endif
+
+const KernelSet& kernels_for_this_cpu() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v3")) return x86_64_v3_kernels;
+#endif
+  return portable_kernels;
 }
 
 }  // namespace
@@ -141,14 +159,11 @@ const char* dtype_name(DType dtype) {
 const char* reduce_op_name(ReduceOp op) { return op == ReduceOp::Sum ? "sum" : "max"; }
 
 void reduce(DType dtype, ReduceOp op, void* dst, const void* const* srcs, size_t n_src, size_t count) {
+  static const KernelSet& kernels = kernels_for_this_cpu();
+  const auto index = static_cast<size_t>(dtype);
+  if (index >= 4) throw UnsupportedArgument(std::string("cannot reduce elements of ") + dtype_name(dtype));
   if (n_src == 0 || count == 0) return;
-  switch (dtype) {
-    case DType::Float32: return reduce_float32(op, dst, srcs, n_src, count);
-    case DType::Float64: return reduce_float64(op, dst, srcs, n_src, count);
-    case DType::BFloat16: return reduce_bfloat16(op, dst, srcs, n_src, count);
-    case DType::Float16: return reduce_float16(op, dst, srcs, n_src, count);
-  }
-  throw UnsupportedArgument(std::string("cannot reduce elements of ") + dtype_name(dtype));
+  kernels.by_dtype[index](op, dst, srcs, n_src, count);
 }
 
 }  // namespace nxd

@@ -1,0 +1,323 @@
+// The engine with real processes: every collective against a reference, chunking, several
+// groups at once, and the failure cases (dead peer, stalled peer, mismatched calls, leftovers).
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <cmath>
+#include <functional>
+#include <sstream>
+
+#include "ranks.hpp"
+#include "typed_buffer.hpp"
+
+namespace nxd::testing {
+namespace {
+
+// Small slots so that modest tensors already take several chunks.
+constexpr size_t kSmallSlot = 16 << 10;
+
+std::string describe(DType dtype, size_t count, int world) {
+  std::ostringstream text;
+  text << dtype_name(dtype) << " count=" << count << " world=" << world;
+  return text.str();
+}
+
+bool segment_exists(const std::string& name) {
+  struct stat st {};
+  return ::stat(("/dev/shm" + name).c_str(), &st) == 0;
+}
+
+TEST(ShmGroup, AllReduceSumAndMaxMatchTheReferenceForEveryDTypeSizeAndWorld) {
+  for (int world : {2, 3, 4}) {
+    const std::string name = fresh_segment_name();
+    const auto statuses = run_checks(world, [&](int rank) -> std::string {
+      auto group = join_group(name, rank, iota_ranks(world), kSmallSlot);
+      // 0 elements, odd sizes, one chunk below the direct-reduce limit and several above it.
+      for (size_t count : {size_t{0}, size_t{1}, size_t{7}, size_t{1001}, size_t{12289}, size_t{3 * 4096 + 5}}) {
+        for (DType dtype : kAllDTypes) {
+          for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Max}) {
+            TypedBuffer buffer(dtype, count);
+            for (size_t i = 0; i < count; ++i) buffer.set(i, test_value(rank, i));
+            group->all_reduce(buffer.data(), count, dtype, op);
+            for (size_t i = 0; i < count; ++i) {
+              double expected = op == ReduceOp::Sum ? 0 : -1e30;
+              for (int r = 0; r < world; ++r) {
+                expected = op == ReduceOp::Sum ? expected + test_value(r, i) : std::max(expected, test_value(r, i));
+              }
+              if (buffer.get(i) != expected) {
+                return describe(dtype, count, world) + " " + reduce_op_name(op) + ": element " + std::to_string(i) +
+                       " is " + std::to_string(buffer.get(i)) + ", expected " + std::to_string(expected);
+              }
+            }
+          }
+        }
+      }
+      return "";
+    });
+    EXPECT_TRUE(all_zero(statuses)) << "world " << world;
+  }
+}
+
+TEST(ShmGroup, AllReduceOfInexactValuesIsBitIdenticalOnEveryRank) {
+  const int world = 3;
+  const std::string name = fresh_segment_name();
+  const auto statuses = run_checks(world, [&](int rank) -> std::string {
+    auto group = join_group(name, rank, iota_ranks(world), kSmallSlot);
+    std::mt19937 random(1234 + rank);
+    std::uniform_real_distribution<double> uniform(-1, 1);
+    for (DType dtype : kAllDTypes) {
+      for (size_t count : {size_t{513}, size_t{20000}}) {
+        TypedBuffer buffer(dtype, count);
+        for (size_t i = 0; i < count; ++i) buffer.set(i, uniform(random) / 3);
+        group->all_reduce(buffer.data(), count, dtype, ReduceOp::Sum);
+        std::vector<unsigned char> every(buffer.nbytes() * world);
+        group->all_gather(buffer.data(), every.data(), buffer.nbytes());
+        for (int r = 0; r < world; ++r) {
+          if (std::memcmp(every.data() + r * buffer.nbytes(), buffer.data(), buffer.nbytes()) != 0) {
+            return describe(dtype, count, world) + ": rank " + std::to_string(r) + " got different bits";
+          }
+        }
+      }
+    }
+    return "";
+  });
+  EXPECT_TRUE(all_zero(statuses));
+}
+
+TEST(ShmGroup, AllGatherReduceScatterAndBroadcastMatchTheReference) {
+  for (int world : {2, 4}) {
+    const std::string name = fresh_segment_name();
+    const auto statuses = run_checks(world, [&](int rank) -> std::string {
+      auto group = join_group(name, rank, iota_ranks(world), kSmallSlot);
+      for (size_t count : {size_t{0}, size_t{3}, size_t{4097}, size_t{9000}}) {
+        for (DType dtype : kAllDTypes) {
+          // all_gather: rank r's buffer lands at row r.
+          TypedBuffer mine(dtype, count), gathered(dtype, count * world);
+          for (size_t i = 0; i < count; ++i) mine.set(i, test_value(rank, i));
+          group->all_gather(mine.data(), gathered.data(), mine.nbytes());
+          for (int r = 0; r < world; ++r) {
+            for (size_t i = 0; i < count; ++i) {
+              if (gathered.get(r * count + i) != test_value(r, i)) {
+                return "all_gather " + describe(dtype, count, world) + " row " + std::to_string(r);
+              }
+            }
+          }
+          // reduce_scatter: row q of every rank's input is summed into rank q's output.
+          TypedBuffer rows(dtype, count * world), out(dtype, count);
+          for (int q = 0; q < world; ++q) {
+            for (size_t i = 0; i < count; ++i) rows.set(q * count + i, test_value(rank + q, i));
+          }
+          group->reduce_scatter(rows.data(), out.data(), count, dtype, ReduceOp::Sum);
+          for (size_t i = 0; i < count; ++i) {
+            double expected = 0;
+            for (int r = 0; r < world; ++r) expected += test_value(r + rank, i);
+            if (out.get(i) != expected) return "reduce_scatter " + describe(dtype, count, world);
+          }
+          // broadcast from the last rank.
+          TypedBuffer data(dtype, count);
+          for (size_t i = 0; i < count; ++i) data.set(i, test_value(rank, i));
+          group->broadcast(data.data(), data.nbytes(), world - 1);
+          for (size_t i = 0; i < count; ++i) {
+            if (data.get(i) != test_value(world - 1, i)) return "broadcast " + describe(dtype, count, world);
+          }
+        }
+      }
+      group->barrier();
+      return "";
+    });
+    EXPECT_TRUE(all_zero(statuses)) << "world " << world;
+  }
+}
+
+TEST(ShmGroup, SeveralGroupsOfOneJobWorkInterleaved) {
+  // Four ranks: "TP" groups [0, 1] and [2, 3], "DP" groups [0, 2] and [1, 3], all alive.
+  const std::string tp_names[] = {fresh_segment_name(), fresh_segment_name()};
+  const std::string dp_names[] = {fresh_segment_name(), fresh_segment_name()};
+  const auto statuses = run_checks(4, [&](int rank) -> std::string {
+    const int tp = rank / 2, dp = rank % 2;
+    auto tp_group = join_group(tp_names[tp], rank % 2, {2 * tp, 2 * tp + 1});
+    auto dp_group = join_group(dp_names[dp], rank / 2, {dp, dp + 2});
+    for (int round = 0; round < 50; ++round) {
+      float tp_value = static_cast<float>(rank + round), dp_value = static_cast<float>(10 * rank + round);
+      tp_group->all_reduce(&tp_value, 1, DType::Float32, ReduceOp::Sum);
+      dp_group->all_reduce(&dp_value, 1, DType::Float32, ReduceOp::Sum);
+      const float tp_expected = static_cast<float>(2 * tp + 2 * tp + 1 + 2 * round);
+      const float dp_expected = static_cast<float>(10 * dp + 10 * (dp + 2) + 2 * round);
+      if (tp_value != tp_expected || dp_value != dp_expected) return "round " + std::to_string(round);
+    }
+    return "";
+  });
+  EXPECT_TRUE(all_zero(statuses));
+}
+
+TEST(ShmGroup, RanksAsThreadsOfOneProcess) {
+  const std::string name = fresh_segment_name();
+  const int world = 3;
+  std::vector<std::string> failures(world);
+  std::vector<std::thread> threads;
+  for (int rank = 0; rank < world; ++rank) {
+    threads.emplace_back([&, rank] {
+      try {
+        auto group = join_group(name, rank, iota_ranks(world), kSmallSlot);
+        std::vector<double> data(5000, rank + 1.0);
+        for (int round = 0; round < 20; ++round) {
+          std::fill(data.begin(), data.end(), rank + 1.0);
+          group->all_reduce(data.data(), data.size(), DType::Float64, ReduceOp::Sum);
+          if (data.front() != 6.0 || data.back() != 6.0) failures[rank] = "wrong sum";
+        }
+      } catch (const std::exception& error) {
+        failures[rank] = error.what();
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (int rank = 0; rank < world; ++rank) EXPECT_EQ(failures[rank], "") << "rank " << rank;
+}
+
+TEST(ShmGroup, SegmentIsPrivateAndItsNameIsGoneOnceEveryRankAttached) {
+  const std::string name = fresh_segment_name();
+  GroupConfig config;
+  config.segment = name;
+  config.global_ranks = {0, 1};
+  auto creator = ShmGroup::create(config);
+  struct stat st {};
+  ASSERT_EQ(::stat(("/dev/shm" + name).c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600);
+  config.rank = 1;
+  auto peer = ShmGroup::attach(config);
+  creator->wait_for_peers();
+  EXPECT_FALSE(segment_exists(name));
+  float value = 1;
+  peer->wait_for_peers();
+  std::thread other([&] {
+    float mine = 2;
+    peer->all_reduce(&mine, 1, DType::Float32, ReduceOp::Sum);
+  });
+  creator->all_reduce(&value, 1, DType::Float32, ReduceOp::Sum);
+  other.join();
+  EXPECT_EQ(value, 3.0f);
+}
+
+TEST(ShmGroup, DeadPeerIsNamedInTheErrorInsteadOfWaitingForTheTimeout) {
+  const std::string name = fresh_segment_name();
+  const auto statuses = run_ranks(2, [&](int rank) {
+    auto group = join_group(name, rank, {5, 9}, 1 << 20, /*timeout_s=*/60);
+    group->barrier();
+    if (rank == 1) ::kill(::getpid(), SIGKILL);
+    float value = 1;
+    try {
+      group->all_reduce(&value, 1, DType::Float32, ReduceOp::Sum);
+    } catch (const CollectiveFailure& failure) {
+      // "exited" comes from the liveness check, not from the (60 s) timeout.
+      const std::string message = failure.what();
+      const bool named = message.find("rank 1 (global rank 9") != std::string::npos &&
+                         message.find("exited") != std::string::npos && message.find("[5, 9]") != std::string::npos;
+      if (!named) std::fprintf(stderr, "unexpected failure: %s\n", message.c_str());
+      return named ? 0 : 1;
+    }
+    return 2;
+  });
+  EXPECT_EQ(statuses[0], 0);
+  EXPECT_EQ(statuses[1], 128 + SIGKILL);
+  EXPECT_FALSE(segment_exists(name));
+}
+
+TEST(ShmGroup, StalledPeerTimesOutAndThePeerThenSeesTheAbort) {
+  const std::string name = fresh_segment_name();
+  const auto statuses = run_ranks(2, [&](int rank) {
+    auto group = join_group(name, rank, iota_ranks(2), 1 << 20, /*timeout_s=*/0.5);
+    if (rank == 1) std::this_thread::sleep_for(std::chrono::seconds(2));
+    float value = 1;
+    try {
+      group->all_reduce(&value, 1, DType::Float32, ReduceOp::Sum);
+    } catch (const CollectiveFailure& failure) {
+      const std::string message = failure.what();
+      const char* expected = rank == 0 ? "rank 1 (global rank 1" : "aborted because rank 0";
+      if (message.find(expected) == std::string::npos) std::fprintf(stderr, "unexpected: %s\n", message.c_str());
+      if (message.find(expected) == std::string::npos) return 1;
+      // The group stays unusable: later calls fail at once instead of hanging.
+      try {
+        group->barrier();
+      } catch (const CollectiveFailure&) {
+        return 0;
+      }
+      return 3;
+    }
+    return 2;
+  });
+  EXPECT_EQ(statuses[0], 0);
+  EXPECT_EQ(statuses[1], 0);
+}
+
+TEST(ShmGroup, MismatchedCollectivesFailOnEveryRankInsteadOfCorruptingData) {
+  const std::string name = fresh_segment_name();
+  const auto statuses = run_ranks(2, [&](int rank) {
+    auto group = join_group(name, rank, iota_ranks(2), 1 << 20, /*timeout_s=*/10);
+    std::vector<float> data(rank == 0 ? 100 : 200, 1.0f);
+    try {
+      group->all_reduce(data.data(), data.size(), DType::Float32, ReduceOp::Sum);
+      group->barrier();
+    } catch (const CollectiveFailure& failure) {
+      const std::string message = failure.what();
+      return message.find("issued different collectives") != std::string::npos ? 0 : 1;
+    }
+    return 2;
+  });
+  EXPECT_EQ(statuses[0], 0);
+  EXPECT_EQ(statuses[1], 0);
+}
+
+TEST(ShmGroup, RankThatNeverAttachesFailsSetUpAndLeavesNoSegment) {
+  const std::string name = fresh_segment_name();
+  GroupConfig config;
+  config.segment = name;
+  config.global_ranks = {0, 1};
+  config.timeout_s = 0.2;
+  auto creator = ShmGroup::create(config);
+  try {
+    creator->wait_for_peers();
+    ADD_FAILURE() << "wait_for_peers returned without the peer";
+  } catch (const CollectiveFailure& failure) {
+    EXPECT_NE(std::string(failure.what()).find("did not attach"), std::string::npos) << failure.what();
+  }
+  EXPECT_FALSE(segment_exists(name));
+}
+
+TEST(ShmSegment, OrphanOfADeadCreatorIsRemovedByTheNextRun) {
+  // A child creates a segment and dies before any peer attached: its name is left behind.
+  int channel[2];
+  ASSERT_EQ(::pipe(channel), 0);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    const std::string name = segment_name("orphan");
+    SharedSegment segment = SharedSegment::create(name, 4096);
+    ssize_t written = ::write(channel[1], name.c_str(), name.size());
+    ::_exit(written > 0 ? 0 : 1);
+  }
+  char buffer[256] = {};
+  ASSERT_GT(::read(channel[0], buffer, sizeof(buffer) - 1), 0);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  const std::string orphan = buffer;
+  ASSERT_TRUE(segment_exists(orphan));
+  EXPECT_GE(remove_orphaned_segments(), 1);
+  EXPECT_FALSE(segment_exists(orphan));
+  ::close(channel[0]);
+  ::close(channel[1]);
+}
+
+TEST(ShmGroup, RejectsBadConfiguration) {
+  GroupConfig config;
+  config.segment = fresh_segment_name();
+  config.global_ranks = {0, 1};
+  config.rank = 2;
+  EXPECT_THROW(ShmGroup::create(config), UnsupportedArgument);
+  config.rank = 0;
+  config.slot_bytes = 1000;
+  EXPECT_THROW(ShmGroup::create(config), UnsupportedArgument);
+  EXPECT_FALSE(segment_exists(config.segment));
+}
+
+}  // namespace
+}  // namespace nxd::testing
