@@ -13,6 +13,7 @@ until the new manifest replaces the old one; only then are they removed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import zlib
@@ -63,6 +64,11 @@ class TensorEntry:
     layout: str
     partition_dim: int | None = None
     partition_stride: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the whole (unsharded) tensor."""
+        return math.prod(self.shape) * getattr(torch, self.dtype).itemsize
 
 
 @dataclass

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ from . import checkpoint_format as fmt
 from . import parallel_state, shard_registry
 from .resharding import check_divisible, read_shard, shard_shape
 from .sharded_source import ShardedSource
-from .state_tree import decode, flatten
+from .state_tree import TensorRef, decode, flatten
 from .unsharded import open_unsharded
 from .utils import tensor_model_parallel_attributes
 
@@ -140,6 +141,13 @@ def _layouts(state, model_key: str | None) -> dict[int, tuple]:
                 attributes = tensor_model_parallel_attributes(param)
             if attributes.get("tensor_model_parallel"):
                 layouts[id(value)] = (fmt.SHARDED, attributes["partition_dim"], attributes["partition_stride"])
+    if not layouts and _placement().tp_size > 1:
+        warnings.warn(
+            "no tensor of the model's state dict is a shard of a live tensor-parallel parameter; it is saved as "
+            "replicated, so merging or resharding it will be wrong. Call save while the model is alive, with "
+            "model.state_dict() itself (not a copy).",
+            stacklevel=4,
+        )
     for optimizer_state in _optimizer_states(state):
         param_keys = _optimizer_param_keys(optimizer_state, model)
         matched, found = {}, True
@@ -275,13 +283,6 @@ def _commit(save_dir: str, save_id: str, reports: list, tp_size: int) -> str | N
 # ---------------------------------------------------------------- load
 
 
-class _TensorRef:
-    """A tensor of the checkpoint, not yet read."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-
 def _tie_groups(targets: dict[str, torch.Tensor]) -> dict[str, list[str]]:
     """Model key -> every key of the same tensor object (tied weights)."""
     by_object: dict[int, list[str]] = {}
@@ -364,16 +365,16 @@ def _copy_into(targets: dict[str, torch.Tensor], sources: dict[str, str], read) 
 
 
 def _refs(tree) -> list[str]:
-    """Names of the `_TensorRef`s in a decoded tree."""
-    if isinstance(tree, _TensorRef):
+    """Names of the `TensorRef`s in a decoded tree."""
+    if isinstance(tree, TensorRef):
         return [tree.name]
     items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
     return [name for item in items for name in _refs(item)]
 
 
 def _resolved(tree, read):
-    """`tree` with each `_TensorRef` replaced by `read(name)`."""
-    if isinstance(tree, _TensorRef):
+    """`tree` with each `TensorRef` replaced by `read(name)`."""
+    if isinstance(tree, TensorRef):
         return read(tree.name)
     if isinstance(tree, dict):
         return {key: _resolved(value, read) for key, value in tree.items()}
@@ -384,8 +385,11 @@ def _resolved(tree, read):
 
 def _load_sharded(load_dir, model, model_key, strict, verify, placement):
     manifest = fmt.read_manifest(load_dir)
+    structure_file = manifest.files[ShardedSource.source_rank_for(placement.tp_rank, manifest)]
+    if verify:
+        fmt.verify_file(load_dir, structure_file)
     source = ShardedSource(load_dir, manifest, placement.tp_rank, placement.tp_size)
-    tree = decode(source.structure, _TensorRef)
+    tree = decode(source.structure, TensorRef)
     targets, sources, rest = None, {}, tree
     if model is not None:
         model_tree = _model_state(tree, model_key)
@@ -396,7 +400,7 @@ def _load_sharded(load_dir, model, model_key, strict, verify, placement):
                 "pass the key the model's state dict was saved under."
             )
         targets = model.state_dict(keep_vars=True)
-        refs = {key: value.name for key, value in model_tree.items() if isinstance(value, _TensorRef)}
+        refs = {key: value.name for key, value in model_tree.items() if isinstance(value, TensorRef)}
         sources = {key: refs[alias] for key, alias in _match_keys(targets, refs, strict).items()}
         for key, name in sources.items():
             source.check_loadable([name])
@@ -407,7 +411,8 @@ def _load_sharded(load_dir, model, model_key, strict, verify, placement):
     source.check_loadable(rest_names)
     if verify:
         for entry in source.files_read([*sources.values(), *rest_names]):
-            fmt.verify_file(load_dir, entry)
+            if entry != structure_file:
+                fmt.verify_file(load_dir, entry)
 
     def read_phase():
         if targets is not None:

@@ -25,8 +25,13 @@ class ShardedSource:
     def __init__(self, load_dir: str, manifest: fmt.Manifest, rank: int, world_size: int):
         self.load_dir, self.manifest, self.rank, self.world_size = load_dir, manifest, rank, world_size
         self.source_world = manifest.tensor_parallel_size
-        self.source_rank = rank if rank < self.source_world else 0
+        self.source_rank = self.source_rank_for(rank, manifest)
         self.structure = fmt.read_structure(load_dir, manifest.files[self.source_rank])
+
+    @staticmethod
+    def source_rank_for(rank: int, manifest: fmt.Manifest) -> int:
+        """The saved TP rank whose structure and unsharded values target rank `rank` takes."""
+        return rank if rank < manifest.tensor_parallel_size else 0
 
     def names(self) -> list[str]:
         """Every tensor name in this rank's structure."""

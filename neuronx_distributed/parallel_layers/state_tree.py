@@ -75,6 +75,16 @@ def flatten(state) -> FlatState:
     return flat
 
 
+class TensorRef:
+    """A tensor of a decoded structure, not yet read: `decode(structure, TensorRef)`."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"TensorRef({self.name!r})"
+
+
 def decode(structure, resolve: Callable[[str], object]):
     """Rebuild the tree from `structure`, replacing each tensor reference by `resolve(name)`."""
     if isinstance(structure, list):

@@ -1,0 +1,228 @@
+"""Sharded checkpoints across real processes: save at one TP degree, load at another, bit for bit.
+
+The state is built so that every TP degree holds exact slices of the unsharded
+reference: the TP model's initialization is sliced from the full one, and the
+optimizer steps on gradients that are slices of full reference gradients
+(AdamW is elementwise), so checkpoint tensors can be compared with `torch.equal`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import MLP, SelfAttention
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from neuronx_distributed import parallel_state
+from neuronx_distributed.errors import (
+    CheckpointArgumentError,
+    CheckpointCorruptError,
+    CheckpointKeyError,
+    CheckpointNotFoundError,
+    CheckpointShapeError,
+    IncompleteCheckpointError,
+    ReshardError,
+    UnsafeCheckpointError,
+)
+from neuronx_distributed.parallel_layers import ParallelEmbedding, all_reduce_gradients, load, save
+
+HIDDEN, FFN, HEADS, VOCAB, SEED = 16, 32, 4, 24, 1234
+# (world size, TP degree) of each saved checkpoint: DP > 1 in the first two, so only DP rank 0 writes.
+SAVE_TOPOLOGIES = [(2, 1), (4, 2), (4, 4)]
+
+
+class Net(nn.Module):
+    """Embedding -> self-attention (fused QKV, stride 3) -> LayerNorm -> MLP; TP layers when `parallel`."""
+
+    def __init__(self, parallel: bool, ffn: int = FFN):
+        super().__init__()
+        self.embed = ParallelEmbedding(VOCAB, HIDDEN) if parallel else nn.Embedding(VOCAB, HIDDEN)
+        self.attention = SelfAttention(HIDDEN, HEADS, parallel, fused_qkv=True)
+        self.norm = nn.LayerNorm(HIDDEN)
+        self.mlp = MLP(HIDDEN, ffn, parallel)
+
+    def forward(self, ids):
+        hidden = self.embed(ids)
+        hidden = hidden + self.attention(hidden)
+        return self.mlp(self.norm(hidden))
+
+
+def _tp():
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_size()
+    return 0, 1
+
+
+def expected_shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The slice of a reference tensor that this rank's `param` must equal."""
+    rank, size = _tp()
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    blocks = full.chunk(param.partition_stride * size, dim=param.partition_dim)
+    return torch.cat(blocks[rank::size], dim=param.partition_dim)
+
+
+def _full_gradients(step: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(SEED)
+    shapes = {name: p.shape for name, p in Net(parallel=False).named_parameters()}
+    generator = torch.Generator().manual_seed(SEED + step)
+    return {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+
+
+def _trained_state(parallel: bool, steps: int = 2, named: bool = False):
+    """Model, optimizer and scheduler after `steps` AdamW steps on sliced reference gradients."""
+    torch.manual_seed(SEED)
+    model = Net(parallel)
+    params = model.named_parameters() if named else model.parameters()
+    optimizer = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    for step in range(steps):
+        full = _full_gradients(step)
+        for name, param in model.named_parameters():
+            param.grad = expected_shard(full[name], param).clone()
+        optimizer.step()
+        scheduler.step()
+    return model, optimizer, scheduler
+
+
+def _checkpoint(model, optimizer, scheduler) -> dict:
+    return {
+        "epoch": 7,
+        "loss": torch.tensor(0.25),
+        "note": "nested",
+        "history": [1.5, float("inf"), (2, None)],
+        "model": model.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
+
+
+def _case_save(save_dir: str, named: bool = False):
+    model, optimizer, scheduler = _trained_state(parallel=True, named=named)  # alive while saving
+    save(_checkpoint(model, optimizer, scheduler), save_dir)
+    return sorted(os.listdir(save_dir))
+
+
+def _assert_matches_reference(model, optimizer_state: dict, reference_model, reference_optimizer):
+    reference = dict(reference_model.named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), expected_shard(reference[name].detach(), param)), name
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    optimizer.load_state_dict(optimizer_state)
+    for (name, param), reference_param in zip(model.named_parameters(), reference_model.parameters()):
+        state, reference_state = optimizer.state[param], reference_optimizer.state[reference_param]
+        assert torch.equal(state["step"], reference_state["step"]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[key], expected_shard(reference_state[key], param)), (name, key)
+    assert optimizer.param_groups[0]["lr"] == reference_optimizer.param_groups[0]["lr"]
+
+
+def _case_load_and_compare(save_dirs: list[str]):
+    reference_model, reference_optimizer, reference_scheduler = _trained_state(parallel=False)
+    for save_dir in save_dirs:
+        torch.manual_seed(SEED + 99)  # different weights, overwritten by the load
+        model = Net(parallel=True)
+        rest = load(save_dir, model=model)
+        assert "model" not in rest
+        assert (rest["epoch"], rest["note"], rest["history"]) == (7, "nested", [1.5, float("inf"), (2, None)])
+        assert torch.equal(rest["loss"], torch.tensor(0.25))
+        assert rest["scheduler"] == reference_scheduler.state_dict()
+        _assert_matches_reference(model, rest["optimizer_state_dict"], reference_model, reference_optimizer)
+        whole = load(save_dir)  # without a model: this rank's whole checkpoint dict
+        for name, param in model.named_parameters():
+            assert torch.equal(whole["model"][name], param.detach()), name
+
+
+@pytest.fixture(scope="module")
+def saved(pools, tmp_path_factory):
+    """One checkpoint per saving topology: {tp: save_dir}."""
+    root = tmp_path_factory.mktemp("saved")
+    dirs = {}
+    for world_size, tp in SAVE_TOPOLOGIES:
+        dirs[tp] = str(root / f"tp{tp}")
+        listings = pools.run(world_size, tp, _case_save, dirs[tp])
+        assert listings[0] == ["manifest.json", *[f"tp_rank_{rank:02d}" for rank in range(tp)]]
+    return dirs
+
+
+@pytest.mark.parametrize("world_size,tp", [(1, 1), (2, 2), (4, 4), (4, 2)])
+def test_round_trip_any_tp_to_any_tp(pools, saved, world_size, tp):
+    pools.run(world_size, tp, _case_load_and_compare, [saved[1], saved[2], saved[4]])
+
+
+def test_unsharded_dict_in_one_process(saved):
+    """Without a process group, load(dir) returns the whole unsharded checkpoint."""
+    reference_model, reference_optimizer, _ = _trained_state(parallel=False)
+    whole = load(saved[4])
+    for name, param in reference_model.named_parameters():
+        assert torch.equal(whole["model"][name], param.detach()), name
+
+
+def _case_resume(save_dir: str):
+    """Training continued after a save equals training resumed from it, bit for bit."""
+
+    def train(model, optimizer, steps, first):
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_size()
+        for step in range(first, first + steps):
+            ids = torch.randint(0, VOCAB, (4, 3), generator=torch.Generator().manual_seed(step))
+            local = ids[dp_rank * 4 // dp_size:(dp_rank + 1) * 4 // dp_size]
+            loss = F.mse_loss(model(local), torch.ones(local.shape[0], 3, HIDDEN))
+            optimizer.zero_grad()
+            loss.backward()
+            all_reduce_gradients(model.parameters(), group=parallel_state.get_data_parallel_group())
+            optimizer.step()
+
+    torch.manual_seed(SEED)
+    model = Net(parallel=True)
+    optimizer = torch.optim.AdamW(model.named_parameters(), lr=0.01)
+    train(model, optimizer, 2, first=0)
+    save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 2}, save_dir)
+    train(model, optimizer, 3, first=2)
+
+    torch.manual_seed(SEED + 1)
+    resumed = Net(parallel=True)
+    resumed_optimizer = torch.optim.AdamW(resumed.named_parameters(), lr=0.01)
+    rest = load(save_dir, model=resumed)
+    resumed_optimizer.load_state_dict(rest["optimizer"])
+    train(resumed, resumed_optimizer, 3, first=rest["step"])
+    for (name, param), resumed_param in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(param, resumed_param), name
+
+
+def test_training_resumes_bit_exact(pools, tmp_path):
+    pools.run(4, 2, _case_resume, str(tmp_path / "resume"))
+
+
+def _case_unsharded_sources(paths: list[str], model_key):
+    reference = dict(Net(parallel=False).named_parameters())  # the seed is set below
+    torch.manual_seed(SEED)
+    reference = dict(Net(parallel=False).named_parameters())
+    for path in paths:
+        torch.manual_seed(SEED + 5)
+        model = Net(parallel=True)
+        assert load(path, model=model, model_key=model_key, sharded=False) is None
+        for name, param in model.named_parameters():
+            assert torch.equal(param.detach(), expected_shard(reference[name].detach(), param)), (path, name)
+
+
+def test_unsharded_checkpoints_load_into_sharded_model(pools, tmp_path):
+    torch.manual_seed(SEED)
+    state = Net(parallel=False).state_dict()
+    torch.save({"model": state, "epoch": 3}, tmp_path / "under_key.pt")
+    torch.save(state, tmp_path / "bare.pt")
+    save_file(state, tmp_path / "weights.safetensors")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    keys = list(state)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for file_name, part in halves.items():
+        save_file({key: state[key] for key in part}, folder / file_name, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {key: name for name, part in halves.items() for key in part}}
+    (folder / "model.safetensors.index.json").write_text(__import__("json").dumps(index))
+    paths = [str(tmp_path / name) for name in ("under_key.pt", "bare.pt", "weights.safetensors", "hf")]
+    pools.run(4, 4, _case_unsharded_sources, paths, "model")
+    pools.run(2, 2, _case_unsharded_sources, paths, "model")
