@@ -1,0 +1,168 @@
+"""The caller's side of a traced model's worker processes: start, talk to, watch and stop them.
+
+Every wait watches the workers' pipes and their process sentinels together, so a
+worker that dies turns into `WorkerCrashedError` at once and one that raises into
+`TraceWorkerError`; either way every worker is stopped before the error is raised.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import selectors
+import signal
+from multiprocessing import reduction
+
+import torch.distributed as dist
+
+from ..errors import MissingMainGuardError, TracedModelClosedError, TraceWorkerError, WorkerCrashedError
+from . import protocol
+from .main_guard import MISSING_GUARD_EXIT_CODE, missing_guard_message
+from .shared_arena import SharedArena
+from .worker_main import worker_main
+
+_CLOSE_TIMEOUT_S = 10.0
+
+
+def default_threads_per_worker(tp_degree: int) -> int:
+    """The CPU cores divided among the workers, at least one thread each."""
+    return max(1, (os.cpu_count() or 1) // tp_degree)
+
+
+class WorkerGroup:
+    """`tp_degree` spawned worker processes in one process group, each running one job."""
+
+    def __init__(self, tp_degree: int, jobs: list, threads_per_worker: int, api_name: str):
+        self.tp_degree = tp_degree
+        self._api_name = api_name
+        self._closed_because: str | None = None
+        context = mp.get_context("spawn")
+        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        self._conns, self._procs = [], []
+        self._selector = selectors.DefaultSelector()
+        try:
+            for rank in range(tp_degree):
+                conn, child_conn = context.Pipe(duplex=True)
+                proc = context.Process(
+                    target=worker_main,
+                    args=(rank, tp_degree, self._store.port, child_conn, threads_per_worker),
+                    name=f"nxd-tp-rank-{rank}",
+                    daemon=True,
+                )
+                proc.start()
+                child_conn.close()
+                self._conns.append(conn)
+                self._procs.append(proc)
+                self._selector.register(conn, selectors.EVENT_READ, rank)
+                self._selector.register(proc.sentinel, selectors.EVENT_READ, rank)
+            for conn, job in zip(self._conns, jobs):
+                protocol.send_command(conn, job)
+            self.job_replies = [protocol.payload(message) for message in self._collect()]
+        except BaseException:
+            self.kill()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_because is not None
+
+    def share_arena(self, arena: SharedArena, signature) -> None:
+        """Give every worker the arena's descriptor and the input signature to map it with."""
+        for conn, proc in zip(self._conns, self._procs):
+            protocol.send_command(conn, signature)
+            reduction.send_handle(conn, arena.fd, proc.pid)
+        self._collect()
+
+    def step(self) -> None:
+        """Run one call: every worker runs its program on the arena's inputs."""
+        self._check_open()
+        for conn in self._conns:
+            conn.send_bytes(protocol.STEP)
+        self._collect()
+
+    def command(self, *command) -> list:
+        """Send a pickled command to every worker; return their replies in rank order."""
+        self._check_open()
+        for conn in self._conns:
+            protocol.send_command(conn, command)
+        return [protocol.payload(message) for message in self._collect()]
+
+    def close(self) -> None:
+        """Ask the workers to exit, wait for them, kill any that do not."""
+        if self._closed_because is None:
+            self._closed_because = "it was closed"
+            for conn in self._conns:
+                try:
+                    protocol.send_command(conn, ("close",))
+                except OSError:
+                    pass
+        self._stop(timeout=_CLOSE_TIMEOUT_S)
+
+    def kill(self, reason: str = "a worker failed") -> None:
+        """Stop every worker at once (they may be blocked in a collective)."""
+        if self._closed_because is None:
+            self._closed_because = reason
+        self._stop(timeout=0)
+
+    def _stop(self, timeout: float) -> None:
+        for proc in self._procs:
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+        self._conns = []
+        self._selector.close()
+        self._store = None
+
+    def _check_open(self) -> None:
+        if self._closed_because is not None:
+            raise TracedModelClosedError(
+                f"this traced model's workers are stopped ({self._closed_because}); "
+                "load it again with parallel_model_load or trace it again."
+            )
+
+    def _collect(self) -> list[bytes]:
+        """One message from every worker, in rank order; raise (after stopping all) if any fails or dies."""
+        replies: list[bytes | None] = [None] * self.tp_degree
+        waiting = self.tp_degree
+        while waiting:
+            for key, _ in self._selector.select():
+                rank = key.data
+                conn = self._conns[rank]
+                if key.fileobj is not conn and not conn.poll():
+                    self._raise_crash(rank)  # its sentinel fired and it left no message: it died
+                if replies[rank] is not None:
+                    continue
+                try:
+                    message = conn.recv_bytes()
+                except (EOFError, OSError):
+                    self._raise_crash(rank)
+                if message[:1] == protocol.FAILED:
+                    self.kill(f"tp rank {rank} raised")
+                    raise TraceWorkerError(
+                        f"tp rank {rank} of {self.tp_degree} raised in {self._api_name}:\n"
+                        f"{message[1:].decode(errors='replace')}"
+                    )
+                replies[rank] = message
+                waiting -= 1
+        return replies
+
+    def _raise_crash(self, rank: int):
+        proc = self._procs[rank]
+        proc.join(1.0)
+        code = proc.exitcode
+        self.kill(f"tp rank {rank} died")
+        if code == MISSING_GUARD_EXIT_CODE:
+            raise MissingMainGuardError(missing_guard_message(self._api_name))
+        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        raise WorkerCrashedError(
+            f"tp rank {rank} of {self.tp_degree} (pid {proc.pid}) died with {how} in {self._api_name}; "
+            "every worker is stopped. Check its output above (out of memory? a crash in native code?), "
+            "then trace or load the model again."
+        )
