@@ -226,3 +226,206 @@ def test_unsharded_checkpoints_load_into_sharded_model(pools, tmp_path):
     paths = [str(tmp_path / name) for name in ("under_key.pt", "bare.pt", "weights.safetensors", "hf")]
     pools.run(4, 4, _case_unsharded_sources, paths, "model")
     pools.run(2, 2, _case_unsharded_sources, paths, "model")
+
+
+def test_optimizer_matched_by_param_names(pools, tmp_path):
+    """An optimizer built from named_parameters() records the match; it reshards TP=4 -> TP=2."""
+    save_dir = str(tmp_path / "named")
+    pools.run(4, 4, _case_save, save_dir, named=True)
+    pools.run(2, 2, _case_load_and_compare, [save_dir])
+
+
+def test_no_pickle_in_our_format(saved):
+    for root, _, files in os.walk(saved[2]):
+        for name in files:
+            assert name.endswith((".json", ".safetensors")), name
+            with open(os.path.join(root, name), "rb") as file:
+                assert file.read(1) != b"\x80", f"{name} looks like a pickle"
+
+
+def test_values_outside_the_format_are_refused(tmp_path):
+    with pytest.raises(UnsafeCheckpointError, match="optimizer/fn"):
+        save({"optimizer": {"fn": object()}}, str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad" / "manifest.json")
+
+
+# ---------------------------------------------------------------- failures
+
+
+def _case_killed_during_save(save_dir: str, kill_rank: int):
+    """Rank `kill_rank` dies (SIGKILL) halfway through writing its shard file."""
+    import signal
+
+    from neuronx_distributed.parallel_layers import checkpoint_format
+
+    def write_half_then_die(tensors, path, metadata=None):
+        with open(path, "wb") as file:
+            file.write(b"\x00" * 1000)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    model, optimizer, scheduler = _trained_state(parallel=True, steps=3)
+    if parallel_state.get_tensor_model_parallel_rank() == kill_rank:
+        checkpoint_format.save_file = write_half_then_die  # this worker dies; its pool is replaced afterwards
+    save(_checkpoint(model, optimizer, scheduler), save_dir)
+
+
+def test_rank_killed_during_save(pools, tmp_path):
+    import shutil
+
+    from distributed import WorkerError
+
+    previous = str(tmp_path / "previous")
+    shutil.copytree(_saved_tp2(pools, tmp_path), previous)
+    fresh = str(tmp_path / "fresh")
+    for save_dir in (previous, fresh):
+        with pytest.raises(WorkerError):
+            pools.run(2, 2, _case_killed_during_save, save_dir, 1, timeout=60)
+    reference_model, _, _ = _trained_state(parallel=False)  # the 2-step state of the previous save
+    whole = load(previous)
+    for name, param in reference_model.named_parameters():
+        assert torch.equal(whole["model"][name], param.detach()), name
+    with pytest.raises(IncompleteCheckpointError, match="did not finish"):
+        load(fresh)
+
+
+def _saved_tp2(pools, tmp_path) -> str:
+    save_dir = str(tmp_path / "tp2")
+    if not os.path.exists(save_dir):
+        pools.run(2, 2, _case_save, save_dir)
+    return save_dir
+
+
+def test_flipped_byte_detected(saved, tmp_path):
+    import shutil
+
+    from neuronx_distributed.cli import main
+
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(saved[2], damaged)
+    shard = next(p for p in (tmp_path / "damaged" / "tp_rank_01").iterdir())
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(data)
+    with pytest.raises(CheckpointCorruptError, match="tp_rank_01"):
+        load(damaged)
+    assert main(["checkpoint", "verify", damaged]) == 1
+    assert main(["checkpoint", "verify", saved[2]]) == 0
+
+
+def test_missing_shard_folder_named(saved, tmp_path):
+    import shutil
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(saved[4], broken)
+    shutil.rmtree(os.path.join(broken, "tp_rank_03"))
+    with pytest.raises(CheckpointNotFoundError, match="tp_rank_03"):
+        load(broken)
+
+
+class _Exploit:
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_unsafe_pickle_refused(tmp_path):
+    torch.manual_seed(SEED)
+    model = Net(parallel=False)
+    exploit = _Exploit()
+    exploit.marker = str(tmp_path / "pwned")
+    torch.save({"model": model.state_dict(), "payload": exploit}, tmp_path / "evil.pt")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        load(str(tmp_path / "evil.pt"), model=model, sharded=False)
+    assert not os.path.exists(exploit.marker)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def _case_errors_leave_model_unchanged(save_dir: str):
+    torch.manual_seed(SEED + 3)
+    wrong_size = Net(parallel=True, ffn=2 * FFN)
+    extra_layer = Net(parallel=True)
+    extra_layer.head = nn.Linear(HIDDEN, 2)
+    attempts = [
+        (wrong_size, {}, CheckpointShapeError, r"mlp\.fc1\.weight.*\(16, 16\).*\(32, 16\)"),
+        (extra_layer, {}, CheckpointKeyError, r"missing keys \['head\.bias', 'head\.weight'\]"),
+        (extra_layer, {"model_key": "weights"}, CheckpointKeyError, "model_key 'weights'"),
+        (wrong_size, {"sharded": False, "model": None}, CheckpointArgumentError, "needs the model"),
+    ]
+    for model, kwargs, error, message in attempts:
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        with pytest.raises(error, match=message):
+            load(save_dir, **{"model": model, **kwargs})
+        for name, param in model.named_parameters():
+            assert torch.equal(param, before[name]), name
+
+
+def test_errors_name_the_problem_and_leave_model_unchanged(pools, saved):
+    pools.run(2, 2, _case_errors_leave_model_unchanged, saved[4])
+
+
+def test_tp_degree_that_cannot_reshard(saved, tmp_path):
+    from neuronx_distributed.cli import main
+    from neuronx_distributed.parallel_layers import checkpoint_tools
+
+    with pytest.raises(ReshardError, match="TP degree"):
+        checkpoint_tools.reshard(saved[2], str(tmp_path / "tp3"), 3)
+    assert main(["checkpoint", "reshard", saved[2], str(tmp_path / "tp3"), "--tp", "3"]) == 2
+    assert not os.path.exists(tmp_path / "tp3" / "manifest.json")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_merge_equals_unsharded_model(saved, tmp_path, capsys):
+    from neuronx_distributed.cli import main
+
+    reference_model, _, _ = _trained_state(parallel=False)
+    reference = reference_model.state_dict()
+    single, split = str(tmp_path / "merged"), str(tmp_path / "merged_split")
+    assert main(["checkpoint", "merge", saved[4], single]) == 0
+    assert main(["checkpoint", "merge", saved[2], split, "--max-shard-size", "2KB"]) == 0
+    merged = load_file(os.path.join(single, "model.safetensors"))
+    assert merged.keys() == reference.keys()
+    assert all(torch.equal(merged[key], reference[key]) for key in reference)
+    assert os.path.exists(os.path.join(split, "model.safetensors.index.json"))
+    for folder in (single, split):
+        torch.manual_seed(0)
+        model = Net(parallel=False)
+        load(folder, model=model, sharded=False)
+        assert all(torch.equal(value, reference[key]) for key, value in model.state_dict().items())
+
+
+def test_reshard_inspect(saved, tmp_path, capsys):
+    from neuronx_distributed.cli import main
+
+    out = str(tmp_path / "tp2")
+    assert main(["checkpoint", "reshard", saved[4], out, "--tp", "2"]) == 0
+    assert sorted(os.listdir(out)) == ["manifest.json", "tp_rank_00", "tp_rank_01"]
+    original, resharded = load(saved[4]), load(out)
+    assert resharded["epoch"] == original["epoch"]
+    for key, value in original["optimizer_state_dict"]["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(resharded["optimizer_state_dict"]["state"][key][name], tensor), (key, name)
+    capsys.readouterr()
+    assert main(["checkpoint", "inspect", out]) == 0
+    table = capsys.readouterr().out
+    assert "TP degree 2" in table
+    assert "model/attention.qkv.weight" in table and "sharded" in table and "0/3" in table
+
+
+def test_merge_readable_by_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from neuronx_distributed.cli import main
+
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=FFN
+    )
+    torch.manual_seed(SEED)
+    model = transformers.BertModel(config)
+    save({"model": model.state_dict(), "epoch": 1}, str(tmp_path / "bert"))
+    assert main(["checkpoint", "merge", str(tmp_path / "bert"), str(tmp_path / "hf")]) == 0
+    loaded = transformers.BertModel.from_pretrained(str(tmp_path / "hf"), config=config)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
