@@ -51,9 +51,16 @@ def _rank_main(rank: int, world: int, store: str, scenario, results) -> None:
     os._exit(0)
 
 
+def _process_context():
+    """Fresh processes forked from a server that imported torch once (spawning costs seconds each)."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torch.distributed", "neuronx_distributed.comm"])
+    return context
+
+
 def _run_job(world: int, scenario) -> tuple[dict[int, str], dict[int, int], list[int]]:
     """Run `scenario(rank)` on `world` fresh ranks; return outcomes, exit codes and pids."""
-    context = mp.get_context("spawn")
+    context = _process_context()
     results = context.Queue()
     with tempfile.TemporaryDirectory(prefix="nxd-faults-") as tmp:
         procs = [
@@ -95,6 +102,7 @@ def kill_last_rank(rank: int):
 
 
 def test_killed_rank_makes_every_peer_raise_naming_it():
+    # The survivors leave through an exception, the killed rank through SIGKILL: no segment either way.
     outcomes, exit_codes, pids = _run_job(3, kill_last_rank)
     assert exit_codes[2] == -signal.SIGKILL
     for rank in (0, 1):
@@ -110,11 +118,11 @@ def stall_last_rank(rank: int):
 
     from neuronx_distributed import comm
 
-    comm.ShmEngine.set_timeout(1.0)
+    comm.ShmEngine.set_timeout(0.5)
     data = torch.ones(10)
     comm.all_reduce(data, group=dist.group.WORLD)
     if rank == dist.get_world_size() - 1:
-        time.sleep(4)  # alive, but far past its peers' timeout
+        time.sleep(2)  # alive, but far past its peers' timeout
     comm.all_reduce(data, group=dist.group.WORLD)
     return "completed"
 
@@ -125,22 +133,6 @@ def test_stalled_rank_times_out_and_is_named():
     assert "rank 1 (global rank 1" in outcomes[0] and "did not reach all_reduce" in outcomes[0], outcomes[0]
     # The late rank finds the group aborted instead of waiting for its own timeout.
     assert outcomes[1].startswith("CollectiveError") and "aborted because rank 0" in outcomes[1], outcomes[1]
-    assert _segments_of(pids) == []
-
-
-def raise_after_setup(rank: int):
-    import torch
-    import torch.distributed as dist
-
-    from neuronx_distributed import comm
-
-    comm.all_reduce(torch.ones(4), group=dist.group.WORLD)
-    raise ValueError("user code failed")
-
-
-def test_exception_and_normal_exit_leave_no_segment():
-    outcomes, exit_codes, pids = _run_job(2, raise_after_setup)
-    assert all(outcome == "ValueError: user code failed" for outcome in outcomes.values()), outcomes
     assert _segments_of(pids) == []
 
 
@@ -165,6 +157,7 @@ def one_all_reduce(rank: int):
 
 
 def test_segment_of_a_job_killed_during_setup_is_removed_by_the_next_run():
+    # ... and the next run (which exits normally) leaves none of its own.
     _, exit_codes, dead_pids = _run_job(2, create_segment_then_die)
     assert set(exit_codes.values()) == {-signal.SIGKILL}
     assert len(_segments_of(dead_pids)) == 1
