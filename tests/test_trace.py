@@ -1,0 +1,213 @@
+"""Traced tensor-parallel inference against the eager single-process model.
+
+parallel_model_trace at TP=2 and TP=4 must give the unsharded model's outputs
+(attention block and MLP from tests/models.py; MiniLM in test_trace_minilm.py);
+a saved model must load and give them again in a fresh process that never
+imported the model's class; a dead or failing worker must raise in the caller
+(never hang) and leave no process behind; a script without the `__main__`
+guard must fail with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from functools import partial
+
+import pytest
+import torch
+from models import MLP, SelfAttention
+from torch import nn
+
+from neuronx_distributed.errors import (
+    TracedInputError,
+    TracedModelClosedError,
+    TracedModelCorruptError,
+    TracedModelNotFoundError,
+    TraceFunctionError,
+    TraceWorkerError,
+    WorkerCrashedError,
+)
+from neuronx_distributed.trace import parallel_model_load, parallel_model_save, parallel_model_trace
+
+HIDDEN, FFN, HEADS, BATCH, SEQ = 32, 64, 4, 2, 5
+TOL = dict(rtol=1e-5, atol=1e-5)
+CALL_TIMEOUT_S = 120
+
+
+class Block(nn.Module):
+    """An attention block and an MLP; returns both outputs in a dict."""
+
+    def __init__(self, parallel: bool):
+        super().__init__()
+        self.attention = SelfAttention(HIDDEN, HEADS, parallel)
+        self.mlp = MLP(HIDDEN, FFN, parallel)
+
+    def forward(self, x):
+        attention = self.attention(x)
+        return {"attention": attention, "mlp": self.mlp(x + attention)}
+
+
+def build_block(parallel: bool = True) -> Block:
+    torch.manual_seed(0)
+    return Block(parallel)
+
+
+def build_failing_on_rank_1() -> nn.Module:
+    from neuronx_distributed import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_rank() == 1:
+        raise ValueError("rank 1 cannot build its shard")
+    return build_block()
+
+
+def _example_input() -> torch.Tensor:
+    return torch.randn(BATCH, SEQ, HIDDEN, generator=torch.Generator().manual_seed(1))
+
+
+def _expected(x: torch.Tensor) -> dict:
+    with torch.inference_mode():
+        return build_block(parallel=False).eval()(x)
+
+
+def _assert_processes_gone(pids: list[int]) -> None:
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.fixture(scope="module")
+def traced_tp2():
+    with parallel_model_trace(build_block, _example_input(), tp_degree=2) as model:
+        yield model
+
+
+@pytest.mark.parametrize("tp_degree", [2, 4])
+def test_traced_block_equals_eager(tp_degree, traced_tp2):
+    x = _example_input()
+    if tp_degree == 2:
+        outputs = traced_tp2(x)
+    else:
+        with parallel_model_trace(build_block, x, tp_degree=tp_degree) as model:
+            outputs = model(x)
+    expected = _expected(x)
+    assert list(outputs) == ["attention", "mlp"]
+    for name in expected:
+        torch.testing.assert_close(outputs[name], expected[name], **TOL)
+    # New inputs through the same traced program (the shared memory is reused between calls).
+    y = torch.randn_like(x)
+    torch.testing.assert_close(traced_tp2(y)["mlp"], _expected(y)["mlp"], **TOL)
+
+
+def test_call_checks_inputs(traced_tp2):
+    with pytest.raises(TracedInputError, match="traced as"):
+        traced_tp2(torch.randn(BATCH + 1, SEQ, HIDDEN))
+    with pytest.raises(TracedInputError, match="positional"):
+        traced_tp2(_example_input(), _example_input())
+    traced_tp2(_example_input())  # still usable
+
+
+def test_save_load_round_trip_in_fresh_process(traced_tp2, tmp_path):
+    save_dir = tmp_path / "tp_models"
+    parallel_model_save(traced_tp2, save_dir)
+    assert sorted(p.name for p in save_dir.iterdir()) == ["tp_rank_00", "tp_rank_01", "traced_model.json"]
+    manifest = json.loads((save_dir / "traced_model.json").read_text())
+    assert manifest["tp_degree"] == 2 and [r["file"] for r in manifest["ranks"]] == [
+        "tp_rank_00/model.pt2",
+        "tp_rank_01/model.pt2",
+    ]
+    assert any(manifest["ranks"][0]["collectives"])  # the all-reduces are in the program
+
+    x = _example_input()
+    torch.save(x, tmp_path / "x.pt")
+    script = tmp_path / "load_and_run.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            import torch
+            from neuronx_distributed.trace import parallel_model_load
+
+            if __name__ == "__main__":
+                with parallel_model_load({str(save_dir)!r}) as model:
+                    outputs = model(torch.load({str(tmp_path / "x.pt")!r}))
+                leaked = [name for name in ("models", "test_trace") if name in sys.modules]
+                assert not leaked, leaked
+                torch.save(outputs, {str(tmp_path / "outputs.pt")!r})
+            """
+        )
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=CALL_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    outputs = torch.load(tmp_path / "outputs.pt")
+    expected = _expected(x)
+    for name in expected:
+        torch.testing.assert_close(outputs[name], expected[name], **TOL)
+
+
+def test_load_rejects_missing_and_changed_files(traced_tp2, tmp_path):
+    with pytest.raises(TracedModelNotFoundError):
+        parallel_model_load(tmp_path / "nothing_here")
+    save_dir = tmp_path / "tp_models"
+    parallel_model_save(traced_tp2, save_dir)
+    shard = save_dir / "tp_rank_01" / "model.pt2"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TracedModelCorruptError, match="tp_rank_01"):
+        parallel_model_load(save_dir)
+
+
+def test_worker_crash_raises_and_stops_every_worker():
+    x = _example_input()
+    model = parallel_model_trace(build_block, x, tp_degree=2)
+    pids = model.worker_pids
+    os.kill(pids[1], signal.SIGKILL)
+    # Rank 0 enters the program and waits in its all-reduce for the dead rank: the call must not hang.
+    with pytest.raises(WorkerCrashedError, match="tp rank 1 .* SIGKILL"):
+        model(x)
+    _assert_processes_gone(pids)
+    with pytest.raises(TracedModelClosedError):
+        model(x)
+    model.close()
+
+
+def test_worker_error_raises_with_its_traceback():
+    before = {child.pid for child in multiprocessing.active_children()}
+    with pytest.raises(TraceWorkerError, match="rank 1 cannot build its shard"):
+        parallel_model_trace(build_failing_on_rank_1, _example_input(), tp_degree=2)
+    assert {child.pid for child in multiprocessing.active_children()} <= before
+
+
+def test_func_that_workers_cannot_import():
+    with pytest.raises(TraceFunctionError, match="module level"):
+        parallel_model_trace(lambda: build_block(), _example_input(), tp_degree=2)
+
+
+def test_script_without_main_guard_fails_clearly(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from neuronx_distributed.trace import parallel_model_trace
+
+            def build():
+                return torch.nn.Linear(4, 4)
+
+            model = parallel_model_trace(build, torch.randn(2, 4), tp_degree=2)
+            """
+        )
+    )
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=CALL_TIMEOUT_S)
+    assert done.returncode != 0
+    assert "MissingMainGuardError" in done.stderr
+    assert 'if __name__ == "__main__":' in done.stderr
