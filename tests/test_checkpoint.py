@@ -198,7 +198,6 @@ def test_training_resumes_bit_exact(pools, tmp_path):
 
 
 def _case_unsharded_sources(paths: list[str], model_key):
-    reference = dict(Net(parallel=False).named_parameters())  # the seed is set below
     torch.manual_seed(SEED)
     reference = dict(Net(parallel=False).named_parameters())
     for path in paths:
