@@ -217,11 +217,12 @@ def main(argv=None) -> None:
     data = micro_batches(args, position)
     while step < last_step:
         started = time.perf_counter()
-        torch.manual_seed(step_seed(args.seed, dp_rank, step))
         batches = []
         for _ in range(args.grad_accum_usteps):
             position, batch = next(data)
             batches.append(batch)
+        # Seeded after loading: a new DataLoader iterator draws from the default generator.
+        torch.manual_seed(step_seed(args.seed, dp_rank, step))
         loss, grad_norm = train_step(model, optimizer, scheduler, batches, device, dp_group, dp_size)
         loss_value, grad_norm_value = loss.item(), grad_norm.item()
         elapsed = time.perf_counter() - started
