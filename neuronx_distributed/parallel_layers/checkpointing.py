@@ -10,8 +10,8 @@ ranks of each host take turns, one at a time, to read their tensors, so no two
 processes on a host hold checkpoint data at once. Into a model, tensors are
 read and copied one at a time (peak memory: the model plus one tensor).
 
-Sharding of the saved tensors: model tensors are sharded as their parameters
-are (found by storage, `shard_registry`). Optimizer state (torch layout:
+Sharding of the saved tensors: model tensors are sharded as the attributes
+that the parallel layers put on their `state_dict()` entries say. Optimizer state (torch layout:
 "state" and "param_groups") of a sharded parameter is sharded like it when it
 has the parameter's shape. Optimizer index i is matched to the model entry
 named by its group's `param_names` (optimizers built from
@@ -43,7 +43,7 @@ from ..errors import (
     CheckpointShapeError,
 )
 from . import checkpoint_format as fmt
-from . import parallel_state, shard_registry
+from . import parallel_state
 from .resharding import check_divisible, read_shard, shard_shape
 from .sharded_source import ShardedSource
 from .state_tree import TensorRef, decode, flatten
@@ -131,21 +131,17 @@ def _layouts(state, model_key: str | None) -> dict[int, tuple]:
     model = _model_state(state, model_key)
     if model is None:
         return {}
-    lookup = shard_registry.parameter_lookup()
     layouts = {}
     for value in model.values():
         if isinstance(value, torch.Tensor):
             attributes = tensor_model_parallel_attributes(value)
-            param = shard_registry.parameter_viewed_by(value, lookup) if not attributes else None
-            if param is not None:
-                attributes = tensor_model_parallel_attributes(param)
             if attributes.get("tensor_model_parallel"):
                 layouts[id(value)] = (fmt.SHARDED, attributes["partition_dim"], attributes["partition_stride"])
     if not layouts and _placement().tp_size > 1:
         warnings.warn(
-            "no tensor of the model's state dict is a shard of a live tensor-parallel parameter; it is saved as "
-            "replicated, so merging or resharding it will be wrong. Call save while the model is alive, with "
-            "model.state_dict() itself (not a copy).",
+            "no tensor of the model's state dict carries tensor-parallel attributes; it is saved as replicated, "
+            "so merging or resharding it will be wrong. Pass model.state_dict() itself (not a copy) of a model "
+            "built from the parallel layers.",
             stacklevel=4,
         )
     for optimizer_state in _optimizer_states(state):

@@ -1,7 +1,8 @@
 """Tensor-parallel drop-ins for torch.nn.Linear and torch.nn.Embedding.
 
 Sharded parameters carry `tensor_model_parallel`, `partition_dim` and
-`partition_stride`; replicated ones carry `tensor_model_parallel=False`.
+`partition_stride`; replicated ones carry `tensor_model_parallel=False`; so do the
+layers' `state_dict()` entries.
 Each layer takes its TP process group at construction (default: the one
 `parallel_state` set up).
 """
@@ -25,7 +26,15 @@ from .mappings import (
     reduce_from_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-from .utils import divide, set_tensor_model_parallel_attributes
+from .utils import copy_attributes_to_state_dict, divide, set_tensor_model_parallel_attributes
+
+
+class _TensorParallelModule(nn.Module):
+    """A module whose `state_dict()` entries carry the TP attributes of its parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_state_dict_post_hook(copy_attributes_to_state_dict)
 
 
 def _group_or_default(group):
@@ -39,7 +48,7 @@ def _check_last_dim(layer: str, input_: torch.Tensor, expected: int, hint: str) 
         )
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(_TensorParallelModule):
     """Y = XA + b with A split along its output dimension across the TP group.
 
     Each rank computes Y_i = X A_i + b_i. With `gather_output=True` the shards are
@@ -99,7 +108,7 @@ class ColumnParallelLinear(nn.Module):
         )
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_TensorParallelModule):
     """Y = XA + b with A split along its input dimension and X along its last.
 
     Each rank computes X_i A_i; the partial results are all-reduced and the
@@ -171,7 +180,7 @@ class RowParallelLinear(nn.Module):
         )
 
 
-class ParallelEmbedding(nn.Module):
+class ParallelEmbedding(_TensorParallelModule):
     """torch.nn.Embedding with its table sharded across the TP group.
 
     By default the vocabulary (rows) is sharded: each rank looks up the ids in

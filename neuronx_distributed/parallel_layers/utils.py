@@ -31,6 +31,19 @@ def tensor_model_parallel_attributes(param: torch.Tensor) -> dict:
     return {name: getattr(param, name) for name in TENSOR_PARALLEL_ATTRIBUTES if hasattr(param, name)}
 
 
+def copy_attributes_to_state_dict(module, state_dict, prefix, local_metadata) -> None:
+    """State-dict post-hook: give each saved parameter the TP attributes of its parameter.
+
+    `state_dict()` returns detached tensors, which carry no Python attributes; with
+    this hook `parallel_layers.save` knows which entries are shards and how.
+    """
+    for name, param in module.named_parameters(recurse=False):
+        saved = state_dict.get(prefix + name)
+        if saved is not None:
+            for attribute, value in tensor_model_parallel_attributes(param).items():
+                setattr(saved, attribute, value)
+
+
 def is_tensor_parallel(param: torch.Tensor) -> bool:
     """True for a parameter sharded across the TP group, False for a replicated one."""
     return bool(getattr(param, "tensor_model_parallel", False))
