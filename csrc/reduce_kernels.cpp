@@ -75,7 +75,7 @@ struct MaxOp {
 constexpr size_t kBlock = 1024;
 
 template <typename Traits, typename Op>
-NXD_INLINE void reduce_blocks(void* dst_raw, const void* const* srcs_raw, size_t n_src, size_t count) {
+NXD_INLINE void reduce_blocks(void* dst_raw, void* mirror, const void* const* srcs_raw, size_t n_src, size_t count) {
   using Stored = typename Traits::Stored;
   using Acc = typename Traits::Acc;
   auto* dst = static_cast<Stored*>(dst_raw);
@@ -89,16 +89,18 @@ NXD_INLINE void reduce_blocks(void* dst_raw, const void* const* srcs_raw, size_t
       for (size_t i = 0; i < n; ++i) acc[i] = Op::combine(acc[i], Traits::load(src[i]));
     }
     for (size_t i = 0; i < n; ++i) dst[base + i] = Traits::store(acc[i]);
+    if (mirror != nullptr) std::memcpy(static_cast<Stored*>(mirror) + base, dst + base, n * sizeof(Stored));
   }
 }
 
 template <typename Traits>
-NXD_INLINE void reduce_typed(ReduceOp op, void* dst, const void* const* srcs, size_t n_src, size_t count) {
-  if (op == ReduceOp::Sum) reduce_blocks<Traits, SumOp>(dst, srcs, n_src, count);
-  else reduce_blocks<Traits, MaxOp>(dst, srcs, n_src, count);
+NXD_INLINE void reduce_typed(ReduceOp op, void* dst, void* mirror, const void* const* srcs, size_t n_src,
+                             size_t count) {
+  if (op == ReduceOp::Sum) reduce_blocks<Traits, SumOp>(dst, mirror, srcs, n_src, count);
+  else reduce_blocks<Traits, MaxOp>(dst, mirror, srcs, n_src, count);
 }
 
-using Kernel = void (*)(ReduceOp, void*, const void* const*, size_t, size_t);
+using Kernel = void (*)(ReduceOp, void*, void*, const void* const*, size_t, size_t);
 
 // One kernel per dtype, indexed by DType.
 struct KernelSet {
@@ -107,17 +109,17 @@ struct KernelSet {
 
 // Defines the kernel set `name`, each function compiled with `attributes`.
 #define NXD_DEFINE_KERNEL_SET(name, attributes)                                                  \
-  attributes void name##_float32(ReduceOp op, void* d, const void* const* s, size_t n, size_t c) {  \
-    reduce_typed<Float32Traits>(op, d, s, n, c);                                                 \
+  attributes void name##_float32(ReduceOp op, void* d, void* m, const void* const* s, size_t n, size_t c) { \
+    reduce_typed<Float32Traits>(op, d, m, s, n, c);                                                 \
   }                                                                                              \
-  attributes void name##_float64(ReduceOp op, void* d, const void* const* s, size_t n, size_t c) {  \
-    reduce_typed<Float64Traits>(op, d, s, n, c);                                                 \
+  attributes void name##_float64(ReduceOp op, void* d, void* m, const void* const* s, size_t n, size_t c) { \
+    reduce_typed<Float64Traits>(op, d, m, s, n, c);                                                 \
   }                                                                                              \
-  attributes void name##_bfloat16(ReduceOp op, void* d, const void* const* s, size_t n, size_t c) { \
-    reduce_typed<BFloat16Traits>(op, d, s, n, c);                                                \
+  attributes void name##_bfloat16(ReduceOp op, void* d, void* m, const void* const* s, size_t n, size_t c) { \
+    reduce_typed<BFloat16Traits>(op, d, m, s, n, c);                                                \
   }                                                                                              \
-  attributes void name##_float16(ReduceOp op, void* d, const void* const* s, size_t n, size_t c) {  \
-    reduce_typed<Float16Traits>(op, d, s, n, c);                                                 \
+  attributes void name##_float16(ReduceOp op, void* d, void* m, const void* const* s, size_t n, size_t c) { \
+    reduce_typed<Float16Traits>(op, d, m, s, n, c);                                                 \
   }                                                                                              \
   constexpr KernelSet name{{name##_float32, name##_float64, name##_bfloat16, name##_float16}};
 
@@ -158,12 +160,12 @@ const char* dtype_name(DType dtype) {
 
 const char* reduce_op_name(ReduceOp op) { return op == ReduceOp::Sum ? "sum" : "max"; }
 
-void reduce(DType dtype, ReduceOp op, void* dst, const void* const* srcs, size_t n_src, size_t count) {
+void reduce(DType dtype, ReduceOp op, void* dst, void* mirror, const void* const* srcs, size_t n_src, size_t count) {
   static const KernelSet& kernels = kernels_for_this_cpu();
   const auto index = static_cast<size_t>(dtype);
   if (index >= 4) throw UnsupportedArgument(std::string("cannot reduce elements of ") + dtype_name(dtype));
   if (n_src == 0 || count == 0) return;
-  kernels.by_dtype[index](op, dst, srcs, n_src, count);
+  kernels.by_dtype[index](op, dst, mirror, srcs, n_src, count);
 }
 
 }  // namespace nxd

@@ -16,7 +16,8 @@ const char* reduce_op_name(ReduceOp op);
 // dst[i] = op(srcs[0][i], srcs[1][i], ..., srcs[n_src - 1][i]) for i < count, combined in
 // source order and accumulated in float32 (float64 for Float64), so every caller that
 // passes the same sources gets bit-identical results. Max propagates NaN. `dst` may alias
-// one of the sources.
-void reduce(DType dtype, ReduceOp op, void* dst, const void* const* srcs, size_t n_src, size_t count);
+// one of the sources. `mirror`, unless null, receives the same values as `dst` (while they
+// are still in L1, cheaper than copying afterwards).
+void reduce(DType dtype, ReduceOp op, void* dst, void* mirror, const void* const* srcs, size_t n_src, size_t count);
 
 }  // namespace nxd

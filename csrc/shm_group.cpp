@@ -370,7 +370,7 @@ void ShmGroup::all_reduce_chunk(char* data, size_t count, size_t element, DType 
     std::memcpy(slot(step_ + 1, rank_), data, count * element);
     const uint64_t gathered = step(call);
     for (int r = 0; r < size_; ++r) sources_[r] = r == rank_ ? data : slot(gathered, r);
-    reduce(dtype, op, data, sources_.data(), size_, count);
+    reduce(dtype, op, data, nullptr, sources_.data(), size_, count);
     return;
   }
   // Two steps: rank r reduces share r of the chunk (its own part straight from `data`) and
@@ -386,8 +386,8 @@ void ShmGroup::all_reduce_chunk(char* data, size_t count, size_t element, DType 
   const uint64_t gathered = step(call);
   const size_t begin = share_begin(rank_);
   for (int r = 0; r < size_; ++r) sources_[r] = (r == rank_ ? data : slot(gathered, r)) + begin;
-  reduce(dtype, op, data + begin, sources_.data(), size_, share_bytes(rank_) / element);
-  std::memcpy(slot(gathered + 1, rank_) + begin, data + begin, share_bytes(rank_));
+  char* published = slot(gathered + 1, rank_) + begin;
+  reduce(dtype, op, data + begin, published, sources_.data(), size_, share_bytes(rank_) / element);
   const uint64_t reduced = step(call);
   for (int r = 0; r < size_; ++r) {
     if (r != rank_) std::memcpy(data + share_begin(r), slot(reduced, r) + share_begin(r), share_bytes(r));
@@ -437,7 +437,7 @@ void ShmGroup::reduce_scatter(const void* in, void* out, size_t count, DType dty
     for (int r = 0; r < size_; ++r) {
       sources_[r] = r == rank_ ? input + (rank_ * count + done) * element : slot(gathered, r) + rank_ * n * element;
     }
-    reduce(dtype, op, output + done * element, sources_.data(), size_, n);
+    reduce(dtype, op, output + done * element, nullptr, sources_.data(), size_, n);
   }
 }
 
