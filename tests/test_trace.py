@@ -10,14 +10,16 @@ guard must fail with a clear error.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import textwrap
-from functools import partial
+import zipfile
 
 import pytest
 import torch
@@ -162,6 +164,25 @@ def test_load_rejects_missing_and_changed_files(traced_tp2, tmp_path):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(TracedModelCorruptError, match="tp_rank_01"):
+        parallel_model_load(save_dir)
+
+
+def test_load_refuses_pickled_members(traced_tp2, tmp_path):
+    save_dir = tmp_path / "tp_models"
+    parallel_model_save(traced_tp2, save_dir)
+    shard = save_dir / "tp_rank_00" / "model.pt2"
+    with zipfile.ZipFile(shard) as archive:
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    sample_inputs = next(name for name in members if "sample_inputs" in name)
+    members[sample_inputs] = pickle.dumps(("not", "weights only"))
+    with zipfile.ZipFile(shard, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    manifest_path = save_dir / "traced_model.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["ranks"][0].update(sha256=hashlib.sha256(shard.read_bytes()).hexdigest(), size=shard.stat().st_size)
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(TracedModelCorruptError, match="pickled"):
         parallel_model_load(save_dir)
 
 

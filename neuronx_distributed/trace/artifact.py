@@ -6,6 +6,8 @@
       tp_rank_00/model.pt2  rank 0's program (torch.export.save: JSON graph, raw weights)
       tp_rank_01/model.pt2  ...
 
+Loading never unpickles: `read_manifest` checks every shard's sha256 against the
+manifest and refuses archives with pickled members (torch.export.load would unpickle them).
 A save is written in a sibling folder and renamed into place, the manifest
 written last, so `save_dir` holds either the previous model or the complete new one.
 """
@@ -17,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +130,26 @@ def _verify(path: Path, record: RankRecord) -> None:
             f"{str(path)!r} differs from the manifest (size or sha256); the file was changed or truncated. "
             "Save the model again."
         )
+    pickled = _pickled_members(path)
+    if pickled:
+        raise TracedModelCorruptError(
+            f"{str(path)!r} holds pickled data ({', '.join(pickled[:3])}), which parallel_model_load never "
+            "unpickles; parallel_model_save writes graphs as JSON and tensors as raw bytes. Save the model again."
+        )
+
+
+def _pickled_members(path: Path) -> list[str]:
+    """Members of a torch.export archive that torch.export.load would unpickle: .pt files, use_pickle payloads."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            found = [info.filename for info in archive.infolist() if info.filename.endswith(".pt") and info.file_size]
+            for name in archive.namelist():
+                if name.endswith(("_weights_config.json", "_constants_config.json")):
+                    config = json.loads(archive.read(name)).get("config", {})
+                    found += [f"{name}:{key}" for key, entry in config.items() if entry.get("use_pickle")]
+    except (zipfile.BadZipFile, ValueError) as error:
+        raise TracedModelCorruptError(f"{str(path)!r} is not a torch.export archive ({error}); save the model again.") from error
+    return found
 
 
 class StagedSave:
