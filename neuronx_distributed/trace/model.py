@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import weakref
 
-
 from .artifact import Manifest, RankRecord
 from .shared_arena import SharedArena
 from .signature import InputSignature, OutputLayout, rebuild_outputs
