@@ -10,10 +10,6 @@
 
 #include "errors.hpp"
 
-#if !defined(__FLT16_MAX__)
-#error "the reduction kernels need the _Float16 type: build with GCC >= 12 or Clang >= 15"
-#endif
-
 #define NXD_INLINE inline __attribute__((always_inline))
 
 namespace nxd {
@@ -35,10 +31,10 @@ struct Float64Traits {
 };
 
 struct Float16Traits {
-  using Stored = _Float16;
+  using Stored = Half;
   using Acc = float;
   static NXD_INLINE Acc load(Stored v) { return static_cast<float>(v); }
-  static NXD_INLINE Stored store(Acc v) { return static_cast<_Float16>(v); }
+  static NXD_INLINE Stored store(Acc v) { return static_cast<Half>(v); }
 };
 
 // bfloat16 is the upper half of a float32: widen by shifting, narrow rounding to nearest even.

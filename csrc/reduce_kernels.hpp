@@ -6,6 +6,15 @@
 
 namespace nxd {
 
+// The compiler's IEEE binary16 type: C++ knows it as __fp16 on arm64, _Float16 on x86-64.
+#if defined(__aarch64__)
+using Half = __fp16;
+#elif defined(__FLT16_MAX__)
+using Half = _Float16;
+#else
+#error "the engine needs a half-precision type: build with GCC >= 12 or Clang >= 15"
+#endif
+
 enum class DType : uint8_t { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
 enum class ReduceOp : uint8_t { Sum = 0, Max = 1 };
 

@@ -17,7 +17,7 @@ class TypedBuffer {
     switch (dtype_) {
       case DType::Float32: store(i, static_cast<float>(value)); break;
       case DType::Float64: store(i, value); break;
-      case DType::Float16: store(i, static_cast<_Float16>(value)); break;
+      case DType::Float16: store(i, static_cast<Half>(value)); break;
       case DType::BFloat16: {
         // Exact for the test values (they fit in bfloat16): keep the upper half of the float.
         const float f = static_cast<float>(value);
@@ -33,7 +33,7 @@ class TypedBuffer {
     switch (dtype_) {
       case DType::Float32: return load<float>(i);
       case DType::Float64: return load<double>(i);
-      case DType::Float16: return static_cast<double>(load<_Float16>(i));
+      case DType::Float16: return static_cast<double>(load<Half>(i));
       case DType::BFloat16: {
         const uint32_t bits = static_cast<uint32_t>(load<uint16_t>(i)) << 16;
         float f;
