@@ -80,15 +80,21 @@ class WorkerGroup:
     def step(self) -> None:
         """Run one call: every worker runs its program on the arena's inputs."""
         self._check_open()
-        for conn in self._conns:
-            conn.send_bytes(protocol.STEP)
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send_bytes(protocol.STEP)
+            except OSError:
+                self._raise_crash(rank)
         self._collect()
 
     def command(self, *command) -> list:
         """Send a pickled command to every worker; return their replies in rank order."""
         self._check_open()
-        for conn in self._conns:
-            protocol.send_command(conn, command)
+        for rank, conn in enumerate(self._conns):
+            try:
+                protocol.send_command(conn, command)
+            except OSError:
+                self._raise_crash(rank)
         return [protocol.payload(message) for message in self._collect()]
 
     def close(self) -> None:
@@ -144,6 +150,9 @@ class WorkerGroup:
                 except (EOFError, OSError):
                     self._raise_crash(rank)
                 if message[:1] == protocol.FAILED:
+                    dead = [other for other, proc in enumerate(self._procs) if _died(proc) and other != rank]
+                    if dead:  # the failure is a consequence (a collective lost its peer): report the cause
+                        self._raise_crash(dead[0])
                     self.kill(f"tp rank {rank} raised")
                     raise TraceWorkerError(
                         f"tp rank {rank} of {self.tp_degree} raised in {self._api_name}:\n"
@@ -166,3 +175,8 @@ class WorkerGroup:
             "every worker is stopped. Check its output above (out of memory? a crash in native code?), "
             "then trace or load the model again."
         )
+
+
+def _died(proc: mp.process.BaseProcess) -> bool:
+    """Exited abnormally: killed by a signal or a non-zero status (a worker that reported an error exits 0)."""
+    return not proc.is_alive() and proc.exitcode != 0
