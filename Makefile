@@ -15,11 +15,28 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.hp
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q "scikit-build-core>=0.10" "nanobind>=2.4"
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,examples]"
 	touch $@
 
+BERT := examples/training/tp_dp_bert_hf_pretrain
+BERT_DEMO := build/bert_demo
+STDLIB = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+
+# The seed's BERT pretraining tutorial, small: a data shard built from this machine's English text,
+# a tiny BERT trained at TP=2 under torchrun, its sharded checkpoint merged into a Hugging Face model folder.
 demo: setup
-	$(BIN)/torchrun --standalone --nproc_per_node=2 examples/tp_mlp_demo.py --tensor_parallel_degree 2
+	$(BIN)/python $(BERT)/build_pretraining_shards.py --output_dir $(BERT_DEMO)/data \
+	  --inputs $(wildcard /usr/share/common-licenses) $(STDLIB)/json $(STDLIB)/email $(STDLIB)/logging $(STDLIB)/unittest
+	$(BIN)/torchrun --standalone --nproc_per_node=2 $(BERT)/tp_dp_bert_large_hf_pretrain_hdf5.py \
+	  --tensor_parallel_degree 2 --model_config tiny --data_dir $(BERT_DEMO)/data --output_dir $(BERT_DEMO)/tp2 \
+	  --steps_this_run 40 --max_steps 40 --warmup_steps 4 --lr 2e-3 --batch_size 8 --grad_accum_usteps 2 --checkpoint_every 20
+	rm -rf $(BERT_DEMO)/merged
+	$(BIN)/nxd checkpoint merge $(BERT_DEMO)/tp2/checkpoint $(BERT_DEMO)/merged
+	cp $(BERT_DEMO)/tp2/config.json $(BERT_DEMO)/merged/
+	HF_HUB_OFFLINE=1 $(BIN)/python -c "from transformers import BertForPreTraining; \
+	  m = BertForPreTraining.from_pretrained('$(BERT_DEMO)/merged'); \
+	  print(f'merged checkpoint: $(BERT_DEMO)/merged loads as BertForPreTraining ({m.num_parameters():,} parameters)')"
+	@echo "loss plot: $(BERT_DEMO)/tp2/loss.png (per-step metrics: $(BERT_DEMO)/tp2/metrics.csv)"
 
 test: setup test-cpp test-python
 

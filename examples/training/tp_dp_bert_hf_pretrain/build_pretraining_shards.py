@@ -2,8 +2,8 @@
 
     python build_pretraining_shards.py --output_dir ~/examples_datasets/bert_owntext_seqlen128
 
-Reads prose from the given files and folders (default: /usr/share/common-licenses,
-/usr/share/doc and the docstrings of Python's standard library), tokenizes it
+Reads prose from the given files and folders (default: those of /usr/share/common-licenses,
+/usr/share/doc and the docstrings of Python's standard library that exist), tokenizes it
 with the BERT uncased WordPiece vocabulary that ships with the all-MiniLM-L6-v2
 package, and makes masked-LM + next-sentence instances the way Google's
 create_pretraining_data.py does: sentence pairs A/B (B random half the time),
@@ -29,7 +29,8 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-DEFAULT_INPUTS = ("/usr/share/common-licenses", "/usr/share/doc", sysconfig.get_paths()["stdlib"])
+# Those of these that exist on this machine.
+DEFAULT_INPUTS = [p for p in ("/usr/share/common-licenses", "/usr/share/doc", sysconfig.get_paths()["stdlib"]) if os.path.isdir(p)]
 # Files worth reading as prose: plain text, markdown, reStructuredText, gzipped text, Python docstrings.
 TEXT_SUFFIXES = {"", ".txt", ".md", ".rst", ".gz", ".py", ".Debian"}
 # The first id of a real word in BERT's uncased vocabulary ([PAD], [unusedN], [UNK], [CLS], [SEP], [MASK] come before).
@@ -162,10 +163,18 @@ def sentence_pairs(documents, doc_index: int, seq_len: int, short_seq_prob: floa
         i += 1
 
 
-def masked_instance(tokens_a, tokens_b, is_random_next, tokenizer, args, rng: random.Random) -> Instance:
-    tokens = [tokenizer.cls_token_id, *tokens_a, tokenizer.sep_token_id, *tokens_b, tokenizer.sep_token_id]
+@dataclass(frozen=True)
+class SpecialIds:
+    cls: int
+    sep: int
+    mask: int
+    vocab_size: int
+
+
+def masked_instance(tokens_a, tokens_b, is_random_next, special: SpecialIds, args, rng: random.Random) -> Instance:
+    tokens = [special.cls, *tokens_a, special.sep, *tokens_b, special.sep]
     segment_ids = [0] * (len(tokens_a) + 2) + [1] * (len(tokens_b) + 1)
-    candidates = [i for i, t in enumerate(tokens) if t not in (tokenizer.cls_token_id, tokenizer.sep_token_id)]
+    candidates = [i for i, t in enumerate(tokens) if t != special.cls and t != special.sep]
     rng.shuffle(candidates)
     num_to_mask = min(args.max_pred_len, max(1, round(len(tokens) * args.masked_lm_prob)))
     positions = sorted(candidates[:num_to_mask])
@@ -173,19 +182,20 @@ def masked_instance(tokens_a, tokens_b, is_random_next, tokenizer, args, rng: ra
     for p in positions:
         draw = rng.random()
         if draw < 0.8:
-            tokens[p] = tokenizer.mask_token_id
+            tokens[p] = special.mask
         elif draw < 0.9:
-            tokens[p] = rng.randrange(FIRST_WORD_ID, tokenizer.vocab_size)
+            tokens[p] = rng.randrange(FIRST_WORD_ID, special.vocab_size)
     return Instance(tokens, segment_ids, positions, masked_ids, is_random_next)
 
 
 def make_instances(documents, tokenizer, args) -> list[Instance]:
     rng = random.Random(args.seed)
+    special = SpecialIds(tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id, tokenizer.vocab_size)
     instances = []
     for _ in range(args.dupe_factor):
         for doc_index in range(len(documents)):
             for a, b, is_random_next in sentence_pairs(documents, doc_index, args.seq_len, args.short_seq_prob, rng):
-                instances.append(masked_instance(a, b, is_random_next, tokenizer, args, rng))
+                instances.append(masked_instance(a, b, is_random_next, special, args, rng))
     rng.shuffle(instances)
     return instances[: args.max_sequences] if args.max_sequences else instances
 
@@ -219,7 +229,8 @@ def write_shard(path: Path, instances: list[Instance], seq_len: int, max_pred_le
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="Folder for the <prefix>_training_<i>.hdf5 shards.")
-    parser.add_argument("--inputs", nargs="+", default=list(DEFAULT_INPUTS), help="Text files or folders to read.")
+    parser.add_argument("--inputs", nargs="+", default=DEFAULT_INPUTS,
+                        help="Text files or folders to read (default: those of %(default)s).")
     parser.add_argument("--prefix", default="owntext_en", help="Shard file name prefix.")
     parser.add_argument("--num_shards", type=int, default=1)
     parser.add_argument("--seq_len", type=int, default=128)

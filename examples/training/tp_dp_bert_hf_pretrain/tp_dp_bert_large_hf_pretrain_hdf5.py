@@ -7,8 +7,8 @@
 The data-parallel degree is the number of processes divided by
 --tensor_parallel_degree. Runs on CUDA (NCCL) when a GPU is visible, else on
 CPU. Writes to --output_dir: metrics.csv (one row per optimizer step), loss.png,
-and the sharded checkpoint `checkpoint/` (every --checkpoint_every steps and at
-the end; --resume continues from it).
+config.json, and the sharded checkpoint `checkpoint/` (every --checkpoint_every
+steps and at the end; --resume continues from it).
 
 The loss of a step is the masked-LM cross entropy averaged over every masked
 token of the global batch plus the next-sentence cross entropy averaged over
@@ -207,6 +207,7 @@ def main(argv=None) -> None:
     global_batch = args.batch_size * args.grad_accum_usteps * dp_size
     metrics = MetricsFile(os.path.join(output_dir, "metrics.csv"), resume_step=step) if rank == 0 else None
     if rank == 0:
+        config.save_pretrained(output_dir)  # with `nxd checkpoint merge`'s model.safetensors: a Hugging Face model folder
         print(
             f"BERT-{args.model_config}: TP={args.tensor_parallel_degree} x DP={dp_size} on {world_size} {device.type} "
             f"process(es); {param_bytes:,} parameter bytes per rank; global batch {global_batch}; "
