@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_pred_len", type=int, default=20, help="Masked positions per sequence in the shards.")
     parser.add_argument("--seed", type=int, default=12349)
     parser.add_argument("--checkpoint_every", type=int, default=0, help="Save every this many steps (0: only at the end).")
+    parser.add_argument("--final_checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                        help="Save at the end of the run (--no-final_checkpoint for benchmarks).")
     parser.add_argument("--resume", "--resume_ckpt", dest="resume", action="store_true",
                         help="Continue from the checkpoint in --output_dir (or --resume_ckpt_path).")
     parser.add_argument("--resume_ckpt_path", default=None, help="Checkpoint folder to resume from.")
@@ -240,14 +242,16 @@ def main(argv=None) -> None:
             )
             progress.set_postfix(loss=f"{loss_value:.4f}", seq_per_s=f"{global_batch / elapsed:.1f}")
             progress.update()
-        if args.checkpoint_every and step % args.checkpoint_every == 0 or step == last_step:
+        if args.checkpoint_every and step % args.checkpoint_every == 0 or step == last_step and args.final_checkpoint:
             save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, position)
     progress.close()
 
     if rank == 0:
         metrics.close()
         plot = plot_losses([metrics.path], os.path.join(output_dir, "loss.png"), [f"TP={args.tensor_parallel_degree} x DP={dp_size}"])
-        print(f"metrics: {metrics.path}\nloss plot: {plot}\ncheckpoint: {checkpoint_dir} (step {step})", flush=True)
+        print(f"metrics: {metrics.path}\nloss plot: {plot}", flush=True)
+        if os.path.exists(os.path.join(checkpoint_dir, "manifest.json")):
+            print(f"checkpoint: {checkpoint_dir}", flush=True)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
