@@ -254,6 +254,12 @@ def test_timeout_is_configurable(pools):
     pools.run(2, 2, run_timeout_settings)
 
 
-def test_no_segment_is_left_in_dev_shm_by_the_runs_above():
-    leftovers = [name for name in os.listdir("/dev/shm") if name.startswith(f"nxd-{os.getuid()}-")]
+def test_no_segment_is_left_in_dev_shm_by_the_runs_above(pools):
+    # Names are nxd-<uid>-<pid namespace>-<creator pid>-<token>; the workers are still alive.
+    workers = {pid for world in (2, WORLD) for pid in pools.get(world).run(os.getpid)}
+    leftovers = [
+        name
+        for name in os.listdir("/dev/shm")
+        if name.startswith(f"nxd-{os.getuid()}-") and int(name.split("-")[3]) in workers
+    ]
     assert leftovers == []
