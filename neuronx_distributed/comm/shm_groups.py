@@ -83,7 +83,7 @@ class GroupRegistry:
             return None
         handle, failure = None, None
         if rank == 0:
-            _C.remove_orphaned_segments()
+            # create() first removes segments orphaned by earlier jobs killed during set-up.
             name = _C.segment_name(secrets.token_hex(8))
             try:
                 handle = _C.ShmGroup.create(name, 0, ranks, self.slot_bytes, self.timeout_s)
