@@ -98,6 +98,28 @@ def test_outputs_and_per_rank_parameter_bytes(runs):
     assert tp2_bytes < 0.6 * tp1_bytes  # the embeddings, attention and MLP are sharded
 
 
+def test_shards_are_in_the_nvidia_bert_format(runs):
+    import h5py
+    import numpy as np
+
+    sys.path.insert(0, str(EXAMPLE))
+    from pretraining_data import PretrainingDataError, PretrainingDataset
+
+    (shard,) = (runs["tp1_dp1"].parent / "data").glob("*_training_*.hdf5")
+    with h5py.File(shard) as f:
+        data = {key: f[key][:] for key in f}
+    assert data["input_ids"].shape[1] == 128 and data["masked_lm_positions"].shape[1] == 20
+    lengths = data["input_mask"].sum(1)
+    assert (data["input_ids"][:, 0] == 101).all()  # [CLS]
+    assert (data["input_ids"][np.arange(len(lengths)), lengths - 1] == 102).all()  # final [SEP]
+    positions = data["masked_lm_positions"]
+    assert ((positions > 0).sum(1) >= 1).all() and (positions < lengths[:, None]).all()
+    assert set(np.unique(data["next_sentence_labels"])) == {0, 1}
+    assert len(PretrainingDataset(str(shard), max_pred_length=20)) == len(lengths)
+    with pytest.raises(PretrainingDataError, match="--max_pred_len 20"):
+        PretrainingDataset(str(shard), max_pred_length=76)
+
+
 def test_merged_tp2_checkpoint_is_the_tp1_model(runs, tmp_path):
     merged = {}
     for name in ("tp1_dp1", "tp2_dp1"):

@@ -23,14 +23,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from neuronx_distributed.parallel_layers import parallel_state
 
-SHARD_KEYS = (
-    "input_ids",
-    "input_mask",
-    "segment_ids",
-    "masked_lm_positions",
-    "masked_lm_ids",
-    "next_sentence_labels",
-)
+# The datasets of a shard, in the order of a dataset item (as the training loop unpacks it).
+ITEM_ORDER = ("input_ids", "segment_ids", "input_mask", "masked_lm_positions", "masked_lm_ids", "next_sentence_labels")
 
 
 class PretrainingDataError(ValueError):
@@ -53,15 +47,14 @@ def training_shards(data_dir: str, epoch: int, seed: int) -> list[str]:
 
 
 class PretrainingDataset(Dataset):
-    """One HDF5 shard held in memory; items are (input_ids, segment_ids, input_mask,
-    masked_lm_positions, masked_lm_ids, next_sentence_labels) as int64 tensors."""
+    """One HDF5 shard held in memory; items are int64 tensors in ITEM_ORDER."""
 
     def __init__(self, input_file: str, max_pred_length: int):
         with h5py.File(input_file, "r") as f:
-            missing = [key for key in SHARD_KEYS if key not in f]
+            missing = [key for key in ITEM_ORDER if key not in f]
             if missing:
                 raise PretrainingDataError(f"{input_file} lacks the datasets {missing}; it is not a BERT pretraining shard.")
-            self.inputs = {key: np.asarray(f[key][:], dtype=np.int64) for key in SHARD_KEYS}
+            self.inputs = {key: np.asarray(f[key][:], dtype=np.int64) for key in ITEM_ORDER}
         shard_pred_length = self.inputs["masked_lm_positions"].shape[1]
         if shard_pred_length != max_pred_length:
             raise PretrainingDataError(
@@ -77,8 +70,7 @@ class PretrainingDataset(Dataset):
         return len(self.inputs["input_ids"])
 
     def __getitem__(self, index: int):
-        keys = ("input_ids", "segment_ids", "input_mask", "masked_lm_positions", "masked_lm_ids", "next_sentence_labels")
-        return tuple(torch.from_numpy(np.asarray(self.inputs[key][index])) for key in keys)
+        return tuple(torch.from_numpy(np.asarray(self.inputs[key][index])) for key in ITEM_ORDER)
 
 
 def create_pretraining_dataloader(input_file: str, max_pred_length: int, mini_batch_size: int, seed: int, epoch: int):

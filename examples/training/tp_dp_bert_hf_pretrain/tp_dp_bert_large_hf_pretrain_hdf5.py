@@ -226,6 +226,7 @@ def main(argv=None) -> None:
             batches.append(batch)
         # Seeded after loading: a new DataLoader iterator draws from the default generator.
         torch.manual_seed(step_seed(args.seed, dp_rank, step))
+        learning_rate = scheduler.get_last_lr()[0]
         loss, grad_norm = train_step(model, optimizer, scheduler, batches, device, dp_group, dp_size)
         loss_value, grad_norm_value = loss.item(), grad_norm.item()
         elapsed = time.perf_counter() - started
@@ -234,7 +235,7 @@ def main(argv=None) -> None:
             metrics.write(
                 step=step,
                 loss=f"{loss_value:.8f}",
-                learning_rate=f"{scheduler.get_last_lr()[0]:.6e}",
+                learning_rate=f"{learning_rate:.6e}",
                 grad_norm=f"{grad_norm_value:.6f}",
                 sequences_per_s=f"{global_batch / elapsed:.3f}",
                 step_time_s=f"{elapsed:.4f}",
