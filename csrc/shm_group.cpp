@@ -33,7 +33,7 @@ constexpr size_t kSlotAlignment = 4096;
 // steps, each rank reducing one share, which moves less data per rank.
 constexpr size_t kDirectReduceBytes = 32 << 10;
 // Waiting: spin this many pauses, then yield the core until kYieldPhase has passed, then
-// sleep on the futex in slices of kSleepSlice, checking peers' liveness every kLivenessPeriod.
+// sleep on the futex in slices of kSleepSliceNs, checking peers' liveness every kLivenessPeriod.
 constexpr int kSpinIterations = 1000;
 constexpr auto kYieldPhase = std::chrono::microseconds(500);
 constexpr long kSleepSliceNs = 2'000'000;
