@@ -263,3 +263,28 @@ def test_no_segment_is_left_in_dev_shm_by_the_runs_above(pools):
         if name.startswith(f"nxd-{os.getuid()}-") and int(name.split("-")[3]) in workers
     ]
     assert leftovers == []
+
+
+def _mapped_segments() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(f"/dev/shm/nxd-{os.getuid()}-" in line for line in maps)
+
+
+def run_destroyed_groups_are_unmapped() -> None:
+    before = _mapped_segments()
+    _set_backend("shm")
+    try:
+        for _ in range(3):
+            group = dist.new_group(list(range(dist.get_world_size())))
+            comm.all_reduce(torch.ones(4), group=group)
+            dist.destroy_process_group(group)
+        comm.barrier(group=parallel_state.get_tensor_model_parallel_group())  # one more new group
+    finally:
+        _set_backend("auto")
+    # Without unmapping there would be before + 4 segments: the 3 destroyed groups and the TP group.
+    if _mapped_segments() > before + 1:
+        raise AssertionError(f"{_mapped_segments()} shared-memory mappings, {before} before the loop")
+
+
+def test_segments_of_destroyed_groups_are_unmapped(pools):
+    pools.run(2, 2, run_destroyed_groups_are_unmapped)

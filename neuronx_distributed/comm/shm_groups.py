@@ -52,8 +52,17 @@ class GroupRegistry:
         entry = self._entries.get(group.group_name)
         # A destroyed and re-created world may reuse a group name: only the same object matches.
         if entry is None or entry.group is not group:
+            self._forget_destroyed_groups()
             entry = self._entries[group.group_name] = _Entry(group, self._set_up(group))
         return entry.handle
+
+    def _forget_destroyed_groups(self) -> None:
+        """Unmap the segments of groups that torch.distributed has destroyed since."""
+        for name, entry in list(self._entries.items()):
+            try:
+                dist.get_process_group_ranks(entry.group)
+            except (KeyError, ValueError, RuntimeError):  # what torch raises for a destroyed group
+                del self._entries[name]
 
     def handle_by_name(self, group_name: str) -> _C.ShmGroup:
         """The handle of a group already set up by `handle`; used by the custom ops."""
