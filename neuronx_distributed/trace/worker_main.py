@@ -75,6 +75,8 @@ def _serve(rank: int, conn: Connection, shard: Shard) -> None:
             return
         if command == "save":
             protocol.send_reply(conn, _save(shard.program, rank_program_path(*arguments, rank)))
+        else:
+            raise ValueError(f"unknown worker command {command!r}")
 
 
 def _save(program: torch.export.ExportedProgram, path: Path) -> tuple[str, int]:
