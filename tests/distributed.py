@@ -2,34 +2,32 @@
 
 `WorkerPool(world_size).run(fn, *args)` calls `fn(*args)` on every rank and
 returns the per-rank results. `fn` must be importable (a module-level function).
-If a rank raises or the call times out, the pool is torn down (so no rank stays
-blocked in a collective) and the error is re-raised with every rank's traceback.
+If a rank raises, dies or times out, the pool is torn down (so no rank stays
+blocked in a collective) and the error is re-raised with every failing rank's
+traceback or exit code.
 """
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing as mp
 import os
-import tempfile
 import traceback
 
+import torch.distributed as dist
+
 DEFAULT_TIMEOUT_S = 300
+ERROR_GRACE_S = 10
 
 
-def _worker_main(rank: int, world_size: int, store_path: str, conn) -> None:
-    import datetime
-
+def _worker_main(rank: int, world_size: int, store_port: int, conn) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store_path}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S),
-    )
+    timeout = datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    store = dist.TCPStore("127.0.0.1", store_port, world_size + 1, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     while True:
         message = conn.recv()
         if message is None:
@@ -51,8 +49,11 @@ class WorkerPool:
 
     def __init__(self, world_size: int, env: dict[str, str] | None = None):
         self.world_size = world_size
-        self._store_dir = tempfile.TemporaryDirectory(prefix="nxd-pool-")
-        store_path = os.path.join(self._store_dir.name, "store")
+        # The rendezvous store lives here, in the parent, on a port the OS picks: no port race.
+        self._store = dist.TCPStore(
+            "127.0.0.1", 0, world_size + 1, is_master=True, timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S),
+            wait_for_workers=False,
+        )
         context = mp.get_context("spawn")
         self._conns, self._procs = [], []
         saved_env = {key: os.environ.get(key) for key in (env or {})}
@@ -60,7 +61,7 @@ class WorkerPool:
         try:
             for rank in range(world_size):
                 parent, child = context.Pipe()
-                proc = context.Process(target=_worker_main, args=(rank, world_size, store_path, child), daemon=True)
+                proc = context.Process(target=_worker_main, args=(rank, world_size, self._store.port, child), daemon=True)
                 proc.start()
                 self._conns.append(parent)
                 self._procs.append(proc)
@@ -81,23 +82,31 @@ class WorkerPool:
             conn.send((fn, args, kwargs))
         results, errors = [None] * self.world_size, {}
         for rank, conn in enumerate(self._conns):
-            if not conn.poll(timeout):
-                errors[rank] = f"no answer within {timeout} s"
-                break
-            status, value = conn.recv()
+            # Once one rank failed, the others get a short grace to report before the pool is torn down.
+            status, value = self._answer(rank, conn, timeout if not errors else ERROR_GRACE_S)
             if status == "ok":
                 results[rank] = value
             else:
                 errors[rank] = value
-                break
         if errors:
             self.close(force=True)
             details = "\n".join(f"--- rank {rank} ---\n{text}" for rank, text in errors.items())
-            raise WorkerError(f"{fn.__qualname__} failed on {self.world_size} ranks:\n{details}")
+            raise WorkerError(f"{fn.__qualname__}{args!r:.200} failed on {len(errors)} of {self.world_size} ranks:\n{details}")
         return results
 
+    def _answer(self, rank: int, conn, timeout: float) -> tuple[str, object]:
+        try:
+            if conn.poll(timeout):
+                return conn.recv()
+        except (EOFError, OSError):
+            pass
+        proc = self._procs[rank]
+        if not proc.is_alive():
+            return "error", f"worker process died (exit code {proc.exitcode})"
+        return "error", f"no answer within {timeout} s"
+
     def close(self, force: bool = False) -> None:
-        """Stop the workers (kill them when `force`) and remove the store."""
+        """Stop the workers (kill them when `force`)."""
         for conn, proc in zip(self._conns, self._procs):
             if force:
                 proc.kill()
@@ -111,7 +120,6 @@ class WorkerPool:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        self._store_dir.cleanup()
 
 
 def with_model_parallel(tensor_parallel_size: int, fn, *args, **kwargs):
