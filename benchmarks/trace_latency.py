@@ -3,7 +3,7 @@
 One run, one table, at batch 1 and 8:
   untraced  the Hugging Face model in this process, all cores
   eager     the tutorial's TP=2 model called inside its 2 worker processes (1 call = both ranks)
-  exported  the same workers running the torch.export program of their shard: what a traced worker runs
+  exported  the same workers running the torch.export program of their shard as a traced worker runs it
   traced    TensorParallelModel from parallel_model_trace(tp_degree=2), called from this process
 Dispatch overhead = traced - exported: the caller's share (inputs into shared memory, waking the
 workers, waiting, copying rank 0's outputs back). A tiny ColumnParallelLinear (8 -> 16, no
@@ -59,6 +59,7 @@ def build_tiny_layer():
 def _eager_worker(rank: int, store_path: str, build, inputs: tuple, calls: int, results) -> None:
     """In each of the TP ranks: time the eager shard, then its exported program; rank 0 reports."""
     from neuronx_distributed import parallel_state
+    from neuronx_distributed.trace.program_runner import program_runner
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // TP))
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=TP)
@@ -67,7 +68,7 @@ def _eager_worker(rank: int, store_path: str, build, inputs: tuple, calls: int, 
     barrier = partial(dist.barrier)
     eager = call_times_ms(lambda: model(*inputs), calls, barrier)
     with torch.no_grad():
-        program = torch.export.export(model, inputs, strict=False).module()
+        program = program_runner(torch.export.export(model, inputs, strict=False))
     exported = call_times_ms(lambda: program(*inputs), calls, barrier)
     if rank == 0:
         results.put((eager, exported))

@@ -89,10 +89,10 @@ class InputSignature:
                 f"{list(self.keyword_names)}; got {len(args)} positional and {sorted(kwargs)}. "
                 "Call it with the same inputs as the trace."
             )
-        tensors = [*args, *(kwargs[name] for name in self.keyword_names)]
-        names = [*(f"input {i}" for i in range(len(args))), *(f"input {name!r}" for name in self.keyword_names)]
-        for name, tensor, spec in zip(names, tensors, self.specs):
-            if not isinstance(tensor, torch.Tensor) or TensorSpec.of(tensor) != spec:
+        tensors = [*args, *(kwargs[name] for name in self.keyword_names)] if kwargs else list(args)
+        for index, (tensor, spec) in enumerate(zip(tensors, self.specs)):
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != spec.dtype or tensor.shape != spec.shape:
+                name = f"input {index}" if index < len(args) else f"input {self.keyword_names[index - len(args)]!r}"
                 got = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
                 raise TracedInputError(
                     f"{name} was traced as {spec.shape} {spec.dtype}, got {got}; a traced model takes the "

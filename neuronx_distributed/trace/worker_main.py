@@ -21,6 +21,7 @@ from ..parallel_layers import parallel_state
 from . import protocol
 from .artifact import file_sha256, rank_program_path
 from .jobs import Shard
+from .program_runner import program_runner
 from .shared_arena import SharedArena
 from .signature import InputSignature
 
@@ -58,13 +59,13 @@ def _serve(rank: int, conn: Connection, shard: Shard) -> None:
     args = arena.tensors[:count]
     kwargs = dict(zip(signature.keyword_names, arena.tensors[count : len(signature.specs)]))
     outputs = arena.tensors[len(signature.specs) :] if rank == 0 else []
-    module = shard.program.module()
+    run = program_runner(shard.program)
     protocol.send_reply(conn, os.getpid())
     while True:
         message = conn.recv_bytes()
         if message == protocol.STEP:
             with torch.inference_mode():
-                results = module(*args, **kwargs)
+                results = run(*args, **kwargs)
                 for destination, result in zip(outputs, results):
                     destination.copy_(result)
             conn.send_bytes(protocol.DONE)
