@@ -95,12 +95,12 @@ class WorkerPool:
         return results
 
     def _answer(self, rank: int, conn, timeout: float) -> tuple[str, object]:
+        proc = self._procs[rank]
         try:
             if conn.poll(timeout):
                 return conn.recv()
-        except (EOFError, OSError):
-            pass
-        proc = self._procs[rank]
+        except (EOFError, OSError):  # the worker closed its end: it is exiting
+            proc.join(timeout=ERROR_GRACE_S)
         if not proc.is_alive():
             return "error", f"worker process died (exit code {proc.exitcode})"
         return "error", f"no answer within {timeout} s"
