@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 import weakref
 
+import torch
+
 from .artifact import Manifest, RankRecord
-from .shared_arena import SharedArena
+from .shared_arena import SharedArena, copy_bytes
 from .signature import InputSignature, OutputLayout, rebuild_outputs
 from .workers import WorkerGroup
 
@@ -51,9 +53,9 @@ class TensorParallelModel:
         tensors = self.inputs.flatten(args, kwargs)
         with self._lock:
             for destination, tensor in zip(self._input_tensors, tensors):
-                destination.copy_(tensor)
+                copy_bytes(destination, tensor.detach().cpu().contiguous())
             self._workers.step()
-            results = [tensor.clone() for tensor in self._output_tensors]
+            results = [copy_bytes(torch.empty_like(tensor), tensor) for tensor in self._output_tensors]
         return rebuild_outputs(self.outputs.structure, results)
 
     def command(self, *command) -> list:

@@ -9,6 +9,7 @@ last process that maps it exits, however it exits.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import tempfile
@@ -63,3 +64,13 @@ class SharedArena:
         except BufferError:
             pass  # a view is still referenced elsewhere; the mapping goes with it
         os.close(self.fd)
+
+
+def copy_bytes(destination: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Copy a contiguous CPU tensor into another of the same size with one memcpy; return `destination`.
+
+    Unlike `Tensor.copy_`, this never starts the intra-op thread pool, whose threads
+    would keep spinning on the cores that the workers need right after.
+    """
+    ctypes.memmove(destination.data_ptr(), source.data_ptr(), destination.nbytes)
+    return destination
