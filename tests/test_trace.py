@@ -154,6 +154,20 @@ def test_save_load_round_trip_in_fresh_process(traced_tp2, tmp_path):
         torch.testing.assert_close(outputs[name], expected[name], **TOL)
 
 
+def test_torch_engine_collectives_round_trip(monkeypatch, tmp_path):
+    # With NXD_COMM_BACKEND=torch the all-reduce is traced as a c10d functional collective
+    # naming its group; the loaded workers must recreate that group under the same name.
+    monkeypatch.setenv("NXD_COMM_BACKEND", "torch")
+    x = _example_input()
+    with parallel_model_trace(build_block, x, tp_degree=2) as model:
+        parallel_model_save(model, tmp_path / "tp_models")
+    manifest = json.loads((tmp_path / "tp_models" / "traced_model.json").read_text())
+    assert any(op.startswith("_c10d_functional.all_reduce") for op in manifest["ranks"][0]["collectives"])
+    with parallel_model_load(tmp_path / "tp_models") as model:
+        outputs = model(x)
+    torch.testing.assert_close(outputs["mlp"], _expected(x)["mlp"], **TOL)
+
+
 def test_load_rejects_missing_and_changed_files(traced_tp2, tmp_path):
     with pytest.raises(TracedModelNotFoundError):
         parallel_model_load(tmp_path / "nothing_here")
