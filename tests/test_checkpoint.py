@@ -44,6 +44,8 @@ class Net(nn.Module):
         self.attention = SelfAttention(HIDDEN, HEADS, parallel, fused_qkv=True)
         self.norm = nn.LayerNorm(HIDDEN)
         self.mlp = MLP(HIDDEN, ffn, parallel)
+        # Computed, not saved, like Hugging Face BERT's position_ids (which its files still carry).
+        self.register_buffer("positions", torch.arange(8), persistent=False)
 
     def forward(self, ids):
         hidden = self.embed(ids)
@@ -210,7 +212,7 @@ def _case_unsharded_sources(paths: list[str], model_key):
 
 def test_unsharded_checkpoints_load_into_sharded_model(pools, tmp_path):
     torch.manual_seed(SEED)
-    state = Net(parallel=False).state_dict()
+    state = {**Net(parallel=False).state_dict(), "positions": torch.arange(8)}
     torch.save({"model": state, "epoch": 3}, tmp_path / "under_key.pt")
     torch.save(state, tmp_path / "bare.pt")
     save_file(state, tmp_path / "weights.safetensors")

@@ -287,9 +287,14 @@ def _tie_groups(targets: dict[str, torch.Tensor]) -> dict[str, list[str]]:
     return {key: by_object[id(tensor)] for key, tensor in targets.items()}
 
 
-def _match_keys(targets: dict, available, strict: bool) -> dict[str, str]:
-    """Model key -> checkpoint key to read it from (a tied alias counts); raises on mismatches when strict."""
-    available = set(available)
+def _match_keys(model: nn.Module, targets: dict, available, strict: bool) -> dict[str, str]:
+    """Model key -> checkpoint key to read it from (a tied alias counts); raises on mismatches when strict.
+
+    Keys of the model's non-persistent buffers (which it computes itself, such as
+    Hugging Face BERT's `position_ids`) are ignored: checkpoints often carry them.
+    """
+    non_persistent = {name for name, _ in model.named_buffers()} - set(targets)
+    available = set(available) - non_persistent
     ties = _tie_groups(targets)
     sources = {}
     for key in targets:
@@ -397,7 +402,7 @@ def _load_sharded(load_dir, model, model_key, strict, verify, placement):
             )
         targets = model.state_dict(keep_vars=True)
         refs = {key: value.name for key, value in model_tree.items() if isinstance(value, TensorRef)}
-        sources = {key: refs[alias] for key, alias in _match_keys(targets, refs, strict).items()}
+        sources = {key: refs[alias] for key, alias in _match_keys(model, targets, refs, strict).items()}
         for key, name in sources.items():
             source.check_loadable([name])
             _check_shape(key, targets[key], source.local_shape(name), manifest.tensors[name].shape)
@@ -421,7 +426,7 @@ def _load_sharded(load_dir, model, model_key, strict, verify, placement):
 def _load_unsharded(path, model, model_key, strict, placement):
     source = open_unsharded(path, model_key)
     targets = model.state_dict(keep_vars=True)
-    sources = _match_keys(targets, source.keys(), strict)
+    sources = _match_keys(model, targets, source.keys(), strict)
     plans = {}
     for key, source_key in sources.items():
         target, shape = targets[key], source.shape(source_key)
