@@ -14,6 +14,7 @@ import signal
 from multiprocessing import reduction
 
 import torch.distributed as dist
+from tqdm import tqdm
 
 from ..errors import MissingMainGuardError, TracedModelClosedError, TraceWorkerError, WorkerCrashedError
 from . import protocol
@@ -57,7 +58,8 @@ class WorkerGroup:
                 self._selector.register(proc.sentinel, selectors.EVENT_READ, rank)
             for conn, job in zip(self._conns, jobs):
                 protocol.send_command(conn, job)
-            self.job_replies = [protocol.payload(message) for message in self._collect()]
+            replies = self._collect(progress=f"{api_name} on {tp_degree} worker(s)")
+            self.job_replies = [protocol.payload(message) for message in replies]
         except BaseException:
             self.kill()
             raise
@@ -133,12 +135,24 @@ class WorkerGroup:
                 "load it again with parallel_model_load or trace it again."
             )
 
-    def _collect(self) -> list[bytes]:
-        """One message from every worker, in rank order; raise (after stopping all) if any fails or dies."""
+    def _collect(self, progress: str | None = None) -> list[bytes]:
+        """One message from every worker, in rank order; raise (after stopping all) if any fails or dies.
+
+        With `progress`, a progress bar (ranks done, time elapsed) is shown while waiting.
+        """
+        if progress is None:  # every inference call: no bar on the hot path
+            return self._collect_replies()
+        with tqdm(total=self.tp_degree, desc=progress, unit="rank") as bar:
+            return self._collect_replies(bar)
+
+    def _collect_replies(self, bar: tqdm | None = None) -> list[bytes]:
         replies: list[bytes | None] = [None] * self.tp_degree
         waiting = self.tp_degree
         while waiting:
-            for key, _ in self._selector.select():
+            events = self._selector.select(timeout=None if bar is None else 0.5)
+            if not events:
+                bar.refresh()  # keeps the elapsed time moving
+            for key, _ in events:
                 rank = key.data
                 conn = self._conns[rank]
                 if key.fileobj is not conn and not conn.poll():
@@ -160,6 +174,8 @@ class WorkerGroup:
                     )
                 replies[rank] = message
                 waiting -= 1
+                if bar is not None:
+                    bar.update()
         return replies
 
     def _raise_crash(self, rank: int):
