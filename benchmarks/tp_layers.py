@@ -11,7 +11,6 @@ the same gloo backend, and TP=1 in one process with 1 and with 2 threads.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import tempfile
