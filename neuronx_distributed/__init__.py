@@ -1,7 +1,12 @@
 """Tensor and data parallelism for PyTorch with the NeuronxDistributed API, on any torch.distributed backend."""
 
+import sys
+
 from . import parallel_layers, trace
 from .parallel_layers import parallel_state
+
+# The seed spells it both ways; `import neuronx_distributed.parallel_state` must give the same module object.
+sys.modules[f"{__name__}.parallel_state"] = parallel_state
 
 __all__ = ["parallel_layers", "parallel_state", "trace"]
 __version__ = "0.1.0"

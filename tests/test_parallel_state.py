@@ -99,3 +99,23 @@ def test_single_process_fallback_without_launcher():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "1", "torch.Size([2,", "6])"]
+
+
+def test_public_import_paths_of_the_seed_and_design():
+    """Both spellings of parallel_state are one module, first import or not; every public name imports."""
+    script = (
+        "import neuronx_distributed.parallel_state as alias\n"
+        "from neuronx_distributed.parallel_state import initialize_model_parallel\n"
+        "import neuronx_distributed, neuronx_distributed.parallel_layers as pl\n"
+        "from neuronx_distributed.parallel_layers import (ColumnParallelLinear, RowParallelLinear, ParallelEmbedding,\n"
+        "    save, load, clip_grad_norm, move_model_to_device, parallel_state, layers)\n"
+        "from neuronx_distributed.parallel_layers.layers import ColumnParallelLinear as C\n"
+        "from neuronx_distributed.trace import parallel_model_trace, parallel_model_save, parallel_model_load\n"
+        "from neuronx_distributed.comm import all_reduce, all_gather, reduce_scatter, broadcast, barrier\n"
+        "assert alias is parallel_state is neuronx_distributed.parallel_state\n"
+        "assert initialize_model_parallel is parallel_state.initialize_model_parallel and C is ColumnParallelLinear\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
