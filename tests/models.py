@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -61,3 +62,11 @@ class SelfAttention(nn.Module):
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
         context = (scores.softmax(-1) @ v).transpose(1, 2).flatten(-2)
         return self.output(context)
+
+
+def expected_shard(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """The slice of a reference tensor that a TP parameter must equal (independent of the library's own slicing)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    blocks = full.chunk(param.partition_stride * tp_size, dim=param.partition_dim)
+    return torch.cat(blocks[tp_rank::tp_size], dim=param.partition_dim)

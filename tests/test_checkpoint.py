@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from models import MLP, SelfAttention
+from models import MLP, SelfAttention, expected_shard
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -59,15 +59,6 @@ def _tp():
     return 0, 1
 
 
-def expected_shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """The slice of a reference tensor that this rank's `param` must equal."""
-    rank, size = _tp()
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
-    blocks = full.chunk(param.partition_stride * size, dim=param.partition_dim)
-    return torch.cat(blocks[rank::size], dim=param.partition_dim)
-
-
 def _full_gradients(step: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(SEED)
     shapes = {name: p.shape for name, p in Net(parallel=False).named_parameters()}
@@ -85,7 +76,7 @@ def _trained_state(parallel: bool, steps: int = 2, named: bool = False):
     for step in range(steps):
         full = _full_gradients(step)
         for name, param in model.named_parameters():
-            param.grad = expected_shard(full[name], param).clone()
+            param.grad = expected_shard(full[name], param, *_tp()).clone()
         optimizer.step()
         scheduler.step()
     return model, optimizer, scheduler
@@ -112,14 +103,14 @@ def _case_save(save_dir: str, named: bool = False):
 def _assert_matches_reference(model, optimizer_state: dict, reference_model, reference_optimizer):
     reference = dict(reference_model.named_parameters())
     for name, param in model.named_parameters():
-        assert torch.equal(param.detach(), expected_shard(reference[name].detach(), param)), name
+        assert torch.equal(param.detach(), expected_shard(reference[name].detach(), param, *_tp())), name
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
     optimizer.load_state_dict(optimizer_state)
     for (name, param), reference_param in zip(model.named_parameters(), reference_model.parameters()):
         state, reference_state = optimizer.state[param], reference_optimizer.state[reference_param]
         assert torch.equal(state["step"], reference_state["step"]), name
         for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(state[key], expected_shard(reference_state[key], param)), (name, key)
+            assert torch.equal(state[key], expected_shard(reference_state[key], param, *_tp())), (name, key)
     assert optimizer.param_groups[0]["lr"] == reference_optimizer.param_groups[0]["lr"]
 
 
@@ -207,7 +198,7 @@ def _case_unsharded_sources(paths: list[str], model_key):
         model = Net(parallel=True)
         assert load(path, model=model, model_key=model_key, sharded=False) is None
         for name, param in model.named_parameters():
-            assert torch.equal(param.detach(), expected_shard(reference[name].detach(), param)), (path, name)
+            assert torch.equal(param.detach(), expected_shard(reference[name].detach(), param, *_tp())), (path, name)
 
 
 def test_unsharded_checkpoints_load_into_sharded_model(pools, tmp_path):

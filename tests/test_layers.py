@@ -15,7 +15,7 @@ from functools import partial
 import pytest
 import torch
 from conftest import TOPOLOGIES
-from models import MLP, SelfAttention
+from models import MLP, SelfAttention, expected_shard
 from torch import nn
 
 from neuronx_distributed import comm, parallel_state
@@ -94,15 +94,6 @@ CASES = {
         partial(SelfAttention, HIDDEN, HEADS), forward_collectives={"all_reduce": 1}, backward_collectives={"all_reduce": 3}
     ),
 }
-
-
-def expected_shard(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """The slice of a reference tensor that a TP parameter must equal."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
-    stride = param.partition_stride
-    blocks = full.chunk(stride * tp_size, dim=param.partition_dim)
-    return torch.cat(blocks[tp_rank::tp_size], dim=param.partition_dim)
 
 
 def _optimizer(parameters):
