@@ -80,16 +80,18 @@ def all_reduce_gradients(parameters: Iterable[torch.Tensor], group=None, bucket_
 
 
 def _buckets(grads: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """Group grads by (dtype, device) into buckets of at most `bucket_bytes` (a larger grad gets its own)."""
     by_kind: dict[tuple, list[list[torch.Tensor]]] = {}
+    open_bytes: dict[tuple, int] = {}  # bytes in each kind's last bucket
     for grad in grads:
-        buckets = by_kind.setdefault((grad.dtype, grad.device), [[]])
-        current = buckets[-1]
-        current_bytes = sum(g.numel() * g.element_size() for g in current)
-        if current and current_bytes + grad.numel() * grad.element_size() > bucket_bytes:
-            buckets.append([grad])
-        else:
-            current.append(grad)
-    return [bucket for buckets in by_kind.values() for bucket in buckets if bucket]
+        kind, size = (grad.dtype, grad.device), grad.numel() * grad.element_size()
+        buckets = by_kind.setdefault(kind, [[]])
+        if buckets[-1] and open_bytes[kind] + size > bucket_bytes:
+            buckets.append([])
+            open_bytes[kind] = 0
+        buckets[-1].append(grad)
+        open_bytes[kind] = open_bytes.get(kind, 0) + size
+    return [bucket for buckets in by_kind.values() for bucket in buckets]
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, group=None, groups=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
