@@ -280,6 +280,38 @@ def test_rank_killed_during_save(pools, tmp_path):
         load(fresh)
 
 
+def test_saving_over_a_checkpoint_replaces_it(pools, saved, tmp_path):
+    """A TP=2 save over a TP=4 checkpoint leaves only the new one: the old files and extra rank folders go."""
+    import shutil
+
+    from neuronx_distributed.parallel_layers import checkpoint_format
+
+    save_dir = str(tmp_path / "over")
+    shutil.copytree(saved[4], save_dir)
+    listings = pools.run(4, 2, _case_save, save_dir)
+    assert listings[0] == ["manifest.json", "tp_rank_00", "tp_rank_01"]
+    for entry in checkpoint_format.read_manifest(save_dir).files:
+        folder, name = os.path.split(entry.path)
+        assert os.listdir(os.path.join(save_dir, folder)) == [name]
+    pools.run(2, 2, _case_load_and_compare, [save_dir])
+
+
+def test_checksum_from_memory_matches_the_file(tmp_path):
+    """The checksum computed from the tensors while saving is the one a reader computes from the file."""
+    from neuronx_distributed.parallel_layers import checkpoint_format
+
+    tensors = {
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "bf16": torch.randn(5, 3).to(torch.bfloat16),
+        "ints": torch.arange(7, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "a_last_name": torch.randn(2, 3, 4),
+    }
+    entry = checkpoint_format.write_shard_file(str(tmp_path), 0, "abc", tensors, {"structure": "any"})
+    assert (entry.crc32, entry.bytes) == checkpoint_format.checksum_file(str(tmp_path / entry.path))
+
+
 def _saved_tp2(pools, tmp_path) -> str:
     save_dir = str(tmp_path / "tp2")
     if not os.path.exists(save_dir):

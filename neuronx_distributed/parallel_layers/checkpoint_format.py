@@ -16,8 +16,10 @@ import json
 import math
 import os
 import re
+import struct
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -127,17 +129,44 @@ def checksum_file(path: str, progress: Callable[[int], object] | None = None) ->
     return f"{crc:08x}", size
 
 
+def _written_checksum(file, tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(crc32, size) of a safetensors file just written from `tensors`, from memory but its header.
+
+    The file is the 8-byte header length, the header, then each tensor's bytes back
+    to back in the order of their offsets; None if it is laid out otherwise.
+    """
+    (header_bytes,) = struct.unpack("<Q", os.pread(file.fileno(), 8, 0))
+    prefix = os.pread(file.fileno(), 8 + header_bytes, 0)
+    header = json.loads(prefix[8:])
+    header.pop("__metadata__", None)
+    crc, end = zlib.crc32(prefix), 0
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        begin, stop = info["data_offsets"]
+        if begin != end:
+            return None
+        if stop > begin:
+            crc = zlib.crc32(tensors[name].reshape(-1).view(torch.uint8).numpy(), crc)
+        end = stop
+    size = 8 + header_bytes + end
+    return (f"{crc:08x}", size) if size == os.fstat(file.fileno()).st_size else None
+
+
 def write_shard_file(save_dir: str, tp_rank: int, save_id: str, tensors: dict[str, torch.Tensor], structure) -> FileEntry:
-    """Write a rank's tensors and structure aside, fsync, rename into place; return its manifest entry."""
+    """Write a rank's tensors and structure aside, fsync, rename into place; return its manifest entry.
+
+    `tensors` must be CPU and contiguous. The checksum is computed from them while
+    the file is flushed to disk, instead of reading the file back.
+    """
     relative = shard_file_path(tp_rank, save_id)
     final = os.path.join(save_dir, relative)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     partial = final + ".tmp"
     metadata = {"format": "pt", STRUCTURE_KEY: json.dumps(structure, separators=(",", ":"))}
     save_file(tensors, partial, metadata=metadata)
-    with open(partial, "rb") as file:
-        os.fsync(file.fileno())
-    crc, size = checksum_file(partial)
+    with open(partial, "rb") as file, ThreadPoolExecutor(max_workers=1) as flusher:
+        flushed = flusher.submit(os.fsync, file.fileno())
+        crc, size = _written_checksum(file, tensors) or checksum_file(partial)
+        flushed.result()
     os.replace(partial, final)
     _fsync_dir(os.path.dirname(final))
     return FileEntry(path=relative, bytes=size, crc32=crc)
@@ -207,22 +236,37 @@ def read_structure(load_dir: str, entry: FileEntry):
         return json.loads(file.metadata()[STRUCTURE_KEY])
 
 
-def stale_paths(save_dir: str, manifest: Manifest | None) -> list[str]:
-    """Shard files in `save_dir` that the manifest does not reference (left by other or unfinished saves)."""
+def _cleanup_owner(folder_rank: int, tp_size: int) -> int:
+    """The TP rank that removes stale files in folder tp_rank_<folder_rank>: that rank, TP rank 0 beyond `tp_size`."""
+    return folder_rank if folder_rank < tp_size else 0
+
+
+def stale_paths(save_dir: str, manifest: Manifest | None, tp_rank: int | None = None) -> list[str]:
+    """Shard files in `save_dir` that the manifest does not reference (left by other or unfinished saves).
+
+    With `tp_rank`, only that rank's share, so that the ranks clean up in parallel:
+    its own folder, and for TP rank 0 everything outside the manifest's rank folders.
+    """
     referenced = {entry.path for entry in manifest.files} if manifest else set()
+    tp_size = manifest.tensor_parallel_size if manifest else 0
     stale = []
     for folder in sorted(os.listdir(save_dir)):
-        if _RANK_FOLDER.match(folder) and os.path.isdir(os.path.join(save_dir, folder)):
+        match = _RANK_FOLDER.match(folder)
+        owned = match and (tp_rank is None or _cleanup_owner(int(match.group(1)), tp_size) == tp_rank)
+        if owned and os.path.isdir(os.path.join(save_dir, folder)):
             names = sorted(os.listdir(os.path.join(save_dir, folder)))
             stale += [f"{folder}/{name}" for name in names if _SHARD_FILE.match(name) and f"{folder}/{name}" not in referenced]
-    stale += sorted(name for name in os.listdir(save_dir) if name.startswith(MANIFEST_NAME + ".") and name.endswith(".tmp"))
+    if tp_rank in (None, 0):
+        stale += sorted(name for name in os.listdir(save_dir) if name.startswith(MANIFEST_NAME + ".") and name.endswith(".tmp"))
     return stale
 
 
-def remove_stale(save_dir: str, manifest: Manifest) -> None:
+def remove_stale(save_dir: str, manifest: Manifest, tp_rank: int | None = None) -> None:
     """Delete what `stale_paths` lists, then the tp_rank folders beyond the manifest's TP degree left empty."""
-    for relative in stale_paths(save_dir, manifest):
+    for relative in stale_paths(save_dir, manifest, tp_rank):
         os.remove(os.path.join(save_dir, relative))
+    if tp_rank not in (None, 0):
+        return
     for folder in os.listdir(save_dir):
         match = _RANK_FOLDER.match(folder)
         path = os.path.join(save_dir, folder)

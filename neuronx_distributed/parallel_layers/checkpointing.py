@@ -2,7 +2,8 @@
 
 save: DP rank 0 of each TP rank writes its shard file (`checkpoint_format`);
 global rank 0 then writes the manifest, the step that makes the checkpoint
-visible, and every rank returns once it is (or raises the same error).
+visible, and every rank returns once it is (or raises the same error), the
+writers after deleting, in parallel, the files of the checkpoint it replaced.
 
 load: every rank first checks what it will read (keys, shapes, TP degree,
 checksums) without touching the model; only when every rank passed do the
@@ -243,7 +244,7 @@ def save(state_dict, save_dir: str, model_key: str | None = "model") -> None:
             report = _write_rank_shard(state_dict, save_dir, model_key, placement, save_id)
         except Exception as caught:  # reported to every rank below
             error = caught
-    outcome = None
+    committed, failure = None, None
     if writes:
         reports = [None] * placement.tp_size
         if placement.tp_group is not None and placement.tp_size > 1:
@@ -252,28 +253,41 @@ def save(state_dict, save_dir: str, model_key: str | None = "model") -> None:
         else:
             reports[0] = ("ok", report) if error is None else ("error", f"{type(error).__name__}: {error}")
         if placement.tp_rank == 0:
-            outcome = _commit(save_dir, save_id, reports, placement.tp_size)
-    outcome = _broadcast_object(placement, outcome)
+            committed, failure = _commit(save_dir, save_id, reports, placement.tp_size)
+    committed, failure = _broadcast_object(placement, (committed, failure))
     if error is not None:
         raise error
-    if outcome is not None:
-        raise CheckpointSaveError(f"saving {save_dir!r} failed, so its previous checkpoint (if any) is kept: {outcome}")
+    if failure is not None:
+        raise CheckpointSaveError(f"saving {save_dir!r} failed, so its previous checkpoint (if any) is kept: {failure}")
+    if writes:
+        _remove_previous_files(save_dir, committed, placement.tp_rank)
 
 
-def _commit(save_dir: str, save_id: str, reports: list, tp_size: int) -> str | None:
-    """Write the manifest if every TP rank wrote its shard; return None, or why the save failed."""
+def _commit(save_dir: str, save_id: str, reports: list, tp_size: int) -> tuple[fmt.Manifest | None, str | None]:
+    """Write the manifest if every TP rank wrote its shard; return (the manifest, None) or (None, why the save failed)."""
     failures = [f"TP rank {rank}: {report[1]}" for rank, report in enumerate(reports) if report[0] != "ok"]
     if failures:
-        return "; ".join(failures)
+        return None, "; ".join(failures)
     try:
         files = [report[1][0] for report in reports]
         tensors = _global_entries([report[1][1] for report in reports])
         manifest = fmt.Manifest(tp_size, save_id, reports[0][1][2], files, tensors)
         fmt.write_manifest(save_dir, manifest)
     except Exception as error:  # noqa: BLE001 - returned to every rank
-        return f"{type(error).__name__}: {error}"
-    fmt.remove_stale(save_dir, manifest)
-    return None
+        return None, f"{type(error).__name__}: {error}"
+    return manifest, None
+
+
+def _remove_previous_files(save_dir: str, manifest: fmt.Manifest, tp_rank: int) -> None:
+    """Each writing rank deletes its share of the files the new checkpoint replaced; a failure only warns."""
+    try:
+        fmt.remove_stale(save_dir, manifest, tp_rank)
+    except OSError as error:
+        warnings.warn(
+            f"the checkpoint at {save_dir!r} is saved, but files of the one it replaced could not be removed ({error}); "
+            "they are not part of the checkpoint and can be deleted (`nxd checkpoint verify` lists them).",
+            stacklevel=3,
+        )
 
 
 # ---------------------------------------------------------------- load
