@@ -421,6 +421,30 @@ def test_merge_equals_unsharded_model(saved, tmp_path, capsys):
         assert all(torch.equal(value, reference[key]) for key, value in model.state_dict().items())
 
 
+def test_merge_over_an_earlier_merge(saved, tmp_path, monkeypatch):
+    """A merge that fails half way leaves the earlier merge as it was; one that finishes replaces it whole."""
+    from neuronx_distributed.parallel_layers import checkpoint_tools
+
+    out = str(tmp_path / "merged")
+    checkpoint_tools.merge(saved[2], out, max_shard_bytes=2048)
+    earlier = {name: (tmp_path / "merged" / name).read_bytes() for name in os.listdir(out)}
+    assert "model.safetensors.index.json" in earlier
+
+    def disk_full_on_the_second_file(tensors, path, metadata):
+        if any(name.endswith(".tmp") for name in os.listdir(out)):
+            raise OSError(28, "No space left on device")
+        save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint_tools, "save_file", disk_full_on_the_second_file)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint_tools.merge(saved[4], out, max_shard_bytes=4096)
+    assert {name: (tmp_path / "merged" / name).read_bytes() for name in os.listdir(out)} == earlier
+    monkeypatch.undo()
+
+    assert checkpoint_tools.merge(saved[4], out) == ["model.safetensors"]
+    assert os.listdir(out) == ["model.safetensors"]
+
+
 def test_reshard_inspect(saved, tmp_path, capsys):
     from neuronx_distributed.cli import main
 

@@ -26,7 +26,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointCorruptError, CheckpointNotFoundError, IncompleteCheckpointError
+from ..errors import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "neuronx_distributed.checkpoint"
@@ -107,7 +111,8 @@ class Manifest:
         return cls(**raw)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make the renames and deletions in folder `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -168,7 +173,7 @@ def write_shard_file(save_dir: str, tp_rank: int, save_id: str, tensors: dict[st
         crc, size = _written_checksum(file, tensors) or checksum_file(partial)
         flushed.result()
     os.replace(partial, final)
-    _fsync_dir(os.path.dirname(final))
+    fsync_dir(os.path.dirname(final))
     return FileEntry(path=relative, bytes=size, crc32=crc)
 
 
@@ -181,7 +186,7 @@ def write_manifest(save_dir: str, manifest: Manifest) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(partial, final)
-    _fsync_dir(save_dir)
+    fsync_dir(save_dir)
 
 
 def read_manifest(load_dir: str) -> Manifest:

@@ -10,9 +10,12 @@ unsharded checkpoint in our format.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import uuid
+from functools import partial
 
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -23,6 +26,7 @@ from .sharded_source import ShardedSource
 from .state_tree import TensorRef, decode
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+_MERGED_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
 
 
 def verify(load_dir: str, progress: bool = False) -> fmt.Manifest:
@@ -51,7 +55,12 @@ def model_tensor_names(load_dir: str, manifest: fmt.Manifest, model_key: str | N
 
 def merge(load_dir: str, out_dir: str, model_key: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
           progress: bool = False) -> list[str]:
-    """Write the model's unsharded tensors to `out_dir`; return the files written."""
+    """Write the model's unsharded tensors to `out_dir`; return the files written.
+
+    Every file is written aside and renamed into place once all are complete, so a
+    failed merge leaves an earlier merge in `out_dir` as it was; a finished one
+    replaces it, deleting its files that the new one does not have.
+    """
     manifest = verify(load_dir, progress)
     names = model_tensor_names(load_dir, manifest, model_key)
     source = ShardedSource(load_dir, manifest, 0, 1)
@@ -69,22 +78,59 @@ def merge(load_dir: str, out_dir: str, model_key: str | None = None, max_shard_b
     files = ["model.safetensors"] if len(groups) == 1 else [
         f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors" for index in range(len(groups))
     ]
-    with tqdm(total=len(names), unit="tensor", desc="merge", disable=not progress) as bar:
-        for file_name, keys in zip(files, groups):
-            tensors = {}
-            for key in keys:
-                tensors[key] = source.read(names[key])
-                bar.update()
-            save_file(tensors, os.path.join(out_dir, file_name), metadata={"format": "pt"})
-    if len(files) > 1:
-        index = {
-            "metadata": {"total_size": sum(manifest.tensors[name].nbytes for name in names.values())},
-            "weight_map": {key: file_name for file_name, keys in zip(files, groups) for key in keys},
-        }
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as file:
-            json.dump(index, file, indent=2)
-        files.append("model.safetensors.index.json")
+    written = []
+    try:
+        with tqdm(total=len(names), unit="tensor", desc="merge", disable=not progress) as bar:
+            for file_name, keys in zip(files, groups):
+                tensors = {}
+                for key in keys:
+                    tensors[key] = source.read(names[key])
+                    bar.update()
+                written.append(_write_aside(os.path.join(out_dir, file_name), partial(save_file, tensors, metadata={"format": "pt"})))
+        if len(files) > 1:
+            index = {
+                "metadata": {"total_size": sum(manifest.tensors[name].nbytes for name in names.values())},
+                "weight_map": {key: file_name for file_name, keys in zip(files, groups) for key in keys},
+            }
+            files.append("model.safetensors.index.json")
+            written.append(_write_aside(os.path.join(out_dir, files[-1]), partial(_write_json, value=index)))
+    except BaseException:
+        for aside in written:
+            os.remove(aside)
+        raise
+    _publish(out_dir, written)
     return files
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w") as file:
+        json.dump(value, file, indent=2)
+
+
+def _write_aside(final: str, write) -> str:
+    """Call `write(path)` on a temporary path beside `final` and fsync it; return that path."""
+    aside = f"{final}.tmp"
+    try:
+        write(aside)
+        with open(aside, "rb") as file:
+            os.fsync(file.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(aside)
+        raise
+    return aside
+
+
+def _publish(out_dir: str, written_aside: list[str]) -> None:
+    """Rename the finished files into place, then delete the files of an earlier merge that they replace."""
+    finals = [path.removesuffix(".tmp") for path in written_aside]
+    for aside, final in zip(written_aside, finals):
+        os.replace(aside, final)
+    fmt.fsync_dir(out_dir)
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if _MERGED_FILE.match(name) and path not in finals:
+            os.remove(path)
 
 
 def reshard(load_dir: str, out_dir: str, tensor_parallel_size: int, progress: bool = False) -> fmt.Manifest:
