@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..durable import fsync_path, replace_with_text
 from ..errors import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
@@ -111,15 +112,6 @@ class Manifest:
         return cls(**raw)
 
 
-def fsync_dir(path: str) -> None:
-    """Make the renames and deletions in folder `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def checksum_file(path: str, progress: Callable[[int], object] | None = None) -> tuple[str, int]:
     """(crc32 as 8 hex digits, size in bytes) of the file at `path`; `progress(n)` after each chunk."""
     crc, size = 0, 0
@@ -173,20 +165,14 @@ def write_shard_file(save_dir: str, tp_rank: int, save_id: str, tensors: dict[st
         crc, size = _written_checksum(file, tensors) or checksum_file(partial)
         flushed.result()
     os.replace(partial, final)
-    fsync_dir(os.path.dirname(final))
+    fsync_path(os.path.dirname(final))
     return FileEntry(path=relative, bytes=size, crc32=crc)
 
 
 def write_manifest(save_dir: str, manifest: Manifest) -> None:
     """Make the checkpoint visible: write the manifest aside, fsync, and rename it over the old one."""
     final = os.path.join(save_dir, MANIFEST_NAME)
-    partial = f"{final}.{manifest.save_id}.tmp"
-    with open(partial, "w") as file:
-        file.write(manifest.to_json())
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, final)
-    fsync_dir(save_dir)
+    replace_with_text(final, manifest.to_json(), f"{final}.{manifest.save_id}.tmp")
 
 
 def read_manifest(load_dir: str) -> Manifest:

@@ -20,6 +20,7 @@ from functools import partial
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..durable import fsync_path
 from ..errors import CheckpointKeyError
 from . import checkpoint_format as fmt
 from .sharded_source import ShardedSource
@@ -112,8 +113,7 @@ def _write_aside(final: str, write) -> str:
     aside = f"{final}.tmp"
     try:
         write(aside)
-        with open(aside, "rb") as file:
-            os.fsync(file.fileno())
+        fsync_path(aside)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(aside)
@@ -126,7 +126,7 @@ def _publish(out_dir: str, written_aside: list[str]) -> None:
     finals = [path.removesuffix(".tmp") for path in written_aside]
     for aside, final in zip(written_aside, finals):
         os.replace(aside, final)
-    fmt.fsync_dir(out_dir)
+    fsync_path(out_dir)
     for name in os.listdir(out_dir):
         path = os.path.join(out_dir, name)
         if _MERGED_FILE.match(name) and path not in finals:
