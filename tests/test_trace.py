@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -119,10 +120,10 @@ def test_save_load_round_trip_in_fresh_process(traced_tp2, tmp_path):
     parallel_model_save(traced_tp2, save_dir)
     assert sorted(p.name for p in save_dir.iterdir()) == ["tp_rank_00", "tp_rank_01", "traced_model.json"]
     manifest = json.loads((save_dir / "traced_model.json").read_text())
-    assert manifest["tp_degree"] == 2 and [r["file"] for r in manifest["ranks"]] == [
-        "tp_rank_00/model.pt2",
-        "tp_rank_01/model.pt2",
-    ]
+    assert manifest["tp_degree"] == 2
+    for rank, record in enumerate(manifest["ranks"]):
+        assert re.fullmatch(rf"tp_rank_0{rank}/model-[0-9a-f]+\.pt2", record["file"]), record["file"]
+        assert [p.name for p in (save_dir / f"tp_rank_0{rank}").iterdir()] == [record["file"].split("/")[1]]
     assert any(manifest["ranks"][0]["collectives"])  # the all-reduces are in the program
 
     x = _example_input()
@@ -173,18 +174,61 @@ def test_load_rejects_missing_and_changed_files(traced_tp2, tmp_path):
         parallel_model_load(tmp_path / "nothing_here")
     save_dir = tmp_path / "tp_models"
     parallel_model_save(traced_tp2, save_dir)
-    shard = save_dir / "tp_rank_01" / "model.pt2"
+    shard = _program_file(save_dir, 1)
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(TracedModelCorruptError, match="tp_rank_01"):
         parallel_model_load(save_dir)
+    manifest_path = save_dir / "traced_model.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["ranks"][0]["file"] = "../elsewhere/model.pt2"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(TracedModelCorruptError, match="elsewhere"):
+        parallel_model_load(save_dir)
+
+
+def _program_file(save_dir, rank: int):
+    return save_dir / json.loads((save_dir / "traced_model.json").read_text())["ranks"][rank]["file"]
+
+
+def test_failed_save_keeps_the_previous_model(traced_tp2, tmp_path, monkeypatch):
+    """A save that fails after the workers wrote their files leaves the previous save loading, and no files behind."""
+    from neuronx_distributed.trace import artifact
+
+    save_dir = tmp_path / "tp_models"
+    parallel_model_save(traced_tp2, save_dir)
+    previous = {path: path.read_bytes() for path in save_dir.rglob("*") if path.is_file()}
+
+    def disk_full(final, text, aside):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(artifact, "replace_with_text", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        parallel_model_save(traced_tp2, save_dir)
+    assert {path: path.read_bytes() for path in save_dir.rglob("*") if path.is_file()} == previous
+    with pytest.raises(OSError, match="No space"):
+        parallel_model_save(traced_tp2, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    killed = tmp_path / "killed" / "tp_rank_00"  # what a save killed before its manifest leaves
+    killed.mkdir(parents=True)
+    (killed / "model-0123abcd.pt2").write_bytes(b"partial")
+    parallel_model_save(traced_tp2, tmp_path / "killed")
+    assert "model-0123abcd.pt2" not in os.listdir(killed)
+
+    parallel_model_save(traced_tp2, save_dir)  # replaces the previous save: its files are gone
+    files = sorted(str(path.relative_to(save_dir)) for path in save_dir.rglob("*.pt2"))
+    assert files == [record["file"] for record in json.loads((save_dir / "traced_model.json").read_text())["ranks"]]
+    with parallel_model_load(save_dir) as model:
+        outputs = model(_example_input())
+    torch.testing.assert_close(outputs["mlp"], _expected(_example_input())["mlp"], **TOL)
 
 
 def test_load_refuses_pickled_members(traced_tp2, tmp_path):
     save_dir = tmp_path / "tp_models"
     parallel_model_save(traced_tp2, save_dir)
-    shard = save_dir / "tp_rank_00" / "model.pt2"
+    shard = _program_file(save_dir, 0)
     with zipfile.ZipFile(shard) as archive:
         members = {info.filename: archive.read(info) for info in archive.infolist()}
     sample_inputs = next(name for name in members if "sample_inputs" in name)

@@ -6,7 +6,7 @@ import os
 import pickle
 
 from ..errors import ParallelSizeError, TraceFunctionError
-from .artifact import RankRecord, StagedSave, rank_program_path, read_manifest
+from .artifact import RankRecord, StagedSave, rank_program_file, read_manifest
 from .jobs import LoadJob, TraceJob
 from .main_guard import exit_if_spawned_main
 from .model import TensorParallelModel
@@ -37,7 +37,7 @@ def parallel_model_trace(func, inputs, tp_degree: int = 1, *, threads_per_worker
     job = TraceJob(func, tuple(a.detach() for a in args), {k: v.detach() for k, v in kwargs.items()})
     threads = threads_per_worker or default_threads_per_worker(tp_degree)
     workers = WorkerGroup(tp_degree, [job] * tp_degree, threads, "parallel_model_trace")
-    ranks = [RankRecord("", 0, collectives, groups) for _, collectives, groups in workers.job_replies]
+    ranks = [RankRecord("", "", 0, collectives, groups) for _, collectives, groups in workers.job_replies]
     return TensorParallelModel(workers, signature, workers.job_replies[0][0], ranks)
 
 
@@ -49,11 +49,11 @@ def parallel_model_save(model: TensorParallelModel, save_dir: str | os.PathLike)
         )
     staged = StagedSave(save_dir)
     try:
-        replies = model.command("save", str(staged.folder))
+        replies = model.command("save", str(staged.target), staged.save_id)
         manifest = model.manifest
         ranks = tuple(
-            RankRecord(sha256, size, record.collectives, record.groups)
-            for (sha256, size), record in zip(replies, manifest.ranks)
+            RankRecord(rank_program_file(rank, staged.save_id), sha256, size, record.collectives, record.groups)
+            for rank, ((sha256, size), record) in enumerate(zip(replies, manifest.ranks))
         )
         staged.publish(type(manifest)(manifest.tp_degree, manifest.inputs, manifest.outputs, ranks))
     except BaseException:
@@ -70,8 +70,8 @@ def parallel_model_load(load_dir: str | os.PathLike, *, threads_per_worker: int 
     exit_if_spawned_main("parallel_model_load")
     manifest = read_manifest(load_dir)
     jobs = [
-        LoadJob(str(rank_program_path(os.path.abspath(load_dir), rank)), manifest.outputs, record.groups)
-        for rank, record in enumerate(manifest.ranks)
+        LoadJob(os.path.join(os.path.abspath(load_dir), record.file), manifest.outputs, record.groups)
+        for record in manifest.ranks
     ]
     threads = threads_per_worker or default_threads_per_worker(manifest.tp_degree)
     workers = WorkerGroup(manifest.tp_degree, jobs, threads, "parallel_model_load")

@@ -1,15 +1,17 @@
 """The on-disk layout of a saved traced model.
 
     save_dir/
-      traced_model.json     the manifest: TP degree, inputs, outputs, and per rank its
-                            file, sha256, size, collectives and process groups
-      tp_rank_00/model.pt2  rank 0's program (torch.export.save: JSON graph, raw weights)
-      tp_rank_01/model.pt2  ...
+      traced_model.json                the manifest: TP degree, inputs, outputs, and per
+                                       rank its file, sha256, size, collectives and groups
+      tp_rank_00/model-<save_id>.pt2   rank 0's program (torch.export.save: JSON graph, raw weights)
+      tp_rank_01/model-<save_id>.pt2   ...
 
 Loading never unpickles: `read_manifest` checks every shard's sha256 against the
 manifest and refuses archives with pickled members (torch.export.load would unpickle them).
-A save is written in a sibling folder and renamed into place, the manifest
-written last, so `save_dir` holds either the previous model or the complete new one.
+A save writes its files under a fresh save_id beside the previous save's, fsyncs
+them, and then renames its manifest over the previous one: `save_dir` loads the
+previous model until that rename and the complete new one after it, even after a
+crash or power loss. Only then are the previous save's files deleted.
 """
 
 from __future__ import annotations
@@ -17,26 +19,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
-import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..durable import replace_with_text
 from ..errors import TracedModelCorruptError, TracedModelNotFoundError, TracedModelSaveError
 from .signature import InputSignature, OutputLayout
 
 MANIFEST_NAME = "traced_model.json"
-PROGRAM_NAME = "model.pt2"
 FORMAT = "neuronx_distributed.traced_model"
 FORMAT_VERSION = 1
 
 
-def rank_program_path(save_dir: str | os.PathLike, rank: int) -> Path:
-    """Where rank `rank`'s program lives under `save_dir`."""
-    return Path(save_dir) / f"tp_rank_{rank:02d}" / PROGRAM_NAME
+_RANK_FOLDER = re.compile(r"^tp_rank_(\d+)$")
+_PROGRAM_FILE = re.compile(r"^model(-[0-9a-f]+)?\.pt2$")
+
+
+def rank_program_file(rank: int, save_id: str) -> str:
+    """Rank `rank`'s program file of save `save_id`, relative to the save folder."""
+    return f"tp_rank_{rank:02d}/model-{save_id}.pt2"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -49,8 +55,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 @dataclass(frozen=True)
 class RankRecord:
-    """One rank's program file and the collectives it runs."""
+    """One rank's program file (relative to the save folder; "" before saving) and the collectives it runs."""
 
+    file: str
     sha256: str
     size: int
     collectives: dict[str, list[str]]
@@ -74,7 +81,7 @@ class Manifest:
             "outputs": self.outputs.to_json(),
             "ranks": [
                 {
-                    "file": str(rank_program_path("", rank)),
+                    "file": record.file,
                     "sha256": record.sha256,
                     "size": record.size,
                     "collectives": record.collectives,
@@ -91,10 +98,18 @@ class Manifest:
             inputs=InputSignature.from_json(data["inputs"]),
             outputs=OutputLayout.from_json(data["outputs"]),
             ranks=tuple(
-                RankRecord(rank["sha256"], int(rank["size"]), rank["collectives"], rank["groups"])
-                for rank in data["ranks"]
+                RankRecord(_program_file(rank["file"], index), rank["sha256"], int(rank["size"]), rank["collectives"], rank["groups"])
+                for index, rank in enumerate(data["ranks"])
             ),
         )
+
+
+def _program_file(file: str, rank: int) -> str:
+    """`file` if it names a program file in rank `rank`'s folder (nothing outside the save folder)."""
+    folder, _, name = file.partition("/")
+    if folder != f"tp_rank_{rank:02d}" or not _PROGRAM_FILE.match(name):
+        raise ValueError(f"rank {rank}'s file {file!r} is not tp_rank_{rank:02d}/model-<save_id>.pt2")
+    return file
 
 
 def read_manifest(load_dir: str | os.PathLike) -> Manifest:
@@ -117,8 +132,8 @@ def read_manifest(load_dir: str | os.PathLike) -> Manifest:
             f"cannot read the manifest {str(path)!r} ({error}); it was not written by this version's "
             "parallel_model_save, or it was edited. Trace and save the model again."
         ) from error
-    for rank, record in enumerate(manifest.ranks):
-        _verify(rank_program_path(load_dir, rank), record)
+    for record in manifest.ranks:
+        _verify(Path(load_dir) / record.file, record)
     return manifest
 
 
@@ -153,7 +168,12 @@ def _pickled_members(path: Path) -> list[str]:
 
 
 class StagedSave:
-    """A sibling folder that becomes `save_dir` in one rename once the manifest is written."""
+    """A save into `save_dir` that replaces the traced model there only once it is complete.
+
+    The workers write `rank_program_file(rank, save_id)` and fsync it; `publish`
+    renames the manifest into place, then deletes the previous save's files;
+    `discard` deletes this save's files.
+    """
 
     def __init__(self, save_dir: str | os.PathLike):
         self.target = Path(save_dir).absolute()
@@ -161,24 +181,47 @@ class StagedSave:
             raise TracedModelSaveError(
                 f"{str(save_dir)!r} exists and is not a traced model; choose another save_dir or remove it."
             )
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.folder = self.target.parent / f".{self.target.name}.partial-{secrets.token_hex(4)}"
-        self.folder.mkdir()
+        self.created = not self.target.exists()
+        self.target.mkdir(parents=True, exist_ok=True)
+        self.save_id = secrets.token_hex(8)
 
     def publish(self, manifest: Manifest) -> None:
-        """Write the manifest, then replace `save_dir` with the staged folder."""
-        (self.folder / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1))
-        previous = None
-        if self.target.exists():
-            previous = self.target.parent / f".{self.target.name}.old-{secrets.token_hex(4)}"
-            self.target.rename(previous)
-        self.folder.rename(self.target)
-        if previous is not None:
-            shutil.rmtree(previous)
+        """Make `manifest` (whose files this save wrote) the one that loads, then delete what it replaced."""
+        final = self.target / MANIFEST_NAME
+        replace_with_text(final, json.dumps(manifest.to_json(), indent=1), self.target / f"{MANIFEST_NAME}.{self.save_id}.tmp")
+        self._remove_program_files(keep={record.file for record in manifest.ranks})
+        for path in self.target.iterdir():
+            if _is_unfinished_save_file(path.name):
+                path.unlink()
 
     def discard(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Delete the files this save wrote (and `save_dir` if this save created it); the previous save stays as it was."""
+        self._remove_program_files(keep=None)
+        if self.created and not any(self.target.iterdir()):
+            self.target.rmdir()
+
+    def _remove_program_files(self, keep: set[str] | None) -> None:
+        """Delete the program files not in `keep` (None: only this save's), then the rank folders left empty."""
+        for folder in self.target.iterdir():
+            if not (_RANK_FOLDER.match(folder.name) and folder.is_dir()):
+                continue
+            for path in folder.iterdir():
+                relative = f"{folder.name}/{path.name}"
+                ours = path.name == f"model-{self.save_id}.pt2"
+                if _PROGRAM_FILE.match(path.name) and (ours if keep is None else relative not in keep):
+                    path.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def _is_unfinished_save_file(name: str) -> bool:
+    return name.startswith(MANIFEST_NAME + ".") and name.endswith(".tmp")
 
 
 def _replaceable(path: Path) -> bool:
-    return path.is_dir() and ((path / MANIFEST_NAME).is_file() or not any(path.iterdir()))
+    """Whether a save may write into `path`: a traced model, an empty folder, or what an unfinished save left."""
+    if not path.is_dir():
+        return False
+    if (path / MANIFEST_NAME).is_file():
+        return True
+    return all(_RANK_FOLDER.match(entry.name) or _is_unfinished_save_file(entry.name) for entry in path.iterdir())

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..durable import fsync_path
 from ..parallel_layers import parallel_state
 from . import protocol
-from .artifact import file_sha256, rank_program_path
+from .artifact import file_sha256, rank_program_file
 from .jobs import Shard
 from .program_runner import program_runner
 from .shared_arena import SharedArena
@@ -75,13 +76,16 @@ def _serve(rank: int, conn: Connection, shard: Shard) -> None:
             arena.close()
             return
         if command == "save":
-            protocol.send_reply(conn, _save(shard.program, rank_program_path(*arguments, rank)))
+            save_dir, save_id = arguments
+            protocol.send_reply(conn, _save(shard.program, Path(save_dir) / rank_program_file(rank, save_id)))
         else:
             raise ValueError(f"unknown worker command {command!r}")
 
 
 def _save(program: torch.export.ExportedProgram, path: Path) -> tuple[str, int]:
-    """Write the program to `path`; return its sha256 and size."""
+    """Write the program to `path` and flush it to disk; return its sha256 and size."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, path)
+    fsync_path(path)
+    fsync_path(path.parent)
     return file_sha256(path), os.path.getsize(path)
