@@ -7,8 +7,9 @@ at once), plus raw writes and reads of those bytes; and gives the peak RSS per r
 of loading the unsharded checkpoint (`model.safetensors`, from `nxd checkpoint
 merge`) into the TP=2 model. Page cache is warm (files were just written);
 every timed step starts after `os.sync()` and is the median of 5 runs.
+`--layers` scales the model (BERT-large's shapes with more or fewer layers).
 
-    .venv/bin/python benchmarks/checkpoint_io.py [--dir /path/on/the/disk/to/test]
+    .venv/bin/python benchmarks/checkpoint_io.py [--dir /path/on/the/disk/to/test] [--layers 24]
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ HIDDEN, LAYERS, FFN, VOCAB, POSITIONS = 1024, 24, 4096, 30522, 512
 class BertLargeShapes(nn.Module):
     """BERT-large's parameter shapes, sharded as the seed shards BERT (Q, K, V, FFN-in column; outputs row)."""
 
-    def __init__(self):
+    def __init__(self, layers: int = LAYERS):
         from neuronx_distributed.parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 
         super().__init__()
@@ -43,7 +44,7 @@ class BertLargeShapes(nn.Module):
         self.token_type_embeddings = nn.Embedding(2, HIDDEN)
         self.embeddings_norm = nn.LayerNorm(HIDDEN)
         self.layers = nn.ModuleList()
-        for _ in range(LAYERS):
+        for _ in range(layers):
             layer = nn.Module()
             for name in ("query", "key", "value"):
                 setattr(layer, name, ColumnParallelLinear(HIDDEN, HIDDEN, gather_output=False, init_method=fast))
@@ -105,7 +106,7 @@ def _raw_read(path: str) -> None:
         file.readinto(buffer)
 
 
-def _io_worker(rank: int, world: int, root: str, results: str) -> None:
+def _io_worker(rank: int, world: int, root: str, layers: int, results: str) -> None:
     from neuronx_distributed import parallel_state
     from neuronx_distributed.parallel_layers import checkpoint_format as fmt
     from neuronx_distributed.parallel_layers import load, save
@@ -113,7 +114,7 @@ def _io_worker(rank: int, world: int, root: str, results: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{root}/store-io", rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(world)
-    model = BertLargeShapes()
+    model = BertLargeShapes(layers)
     sharded = os.path.join(root, "sharded")
     state = {"model": model.state_dict(), "epoch": 1}
     timings = {"save": _timed(lambda: save(state, sharded))}
@@ -133,7 +134,7 @@ def _io_worker(rank: int, world: int, root: str, results: str) -> None:
     dist.destroy_process_group()
 
 
-def _rss_worker(rank: int, world: int, root: str, results: str) -> None:
+def _rss_worker(rank: int, world: int, root: str, layers: int, results: str) -> None:
     from neuronx_distributed import parallel_state
     from neuronx_distributed.parallel_layers import load
 
@@ -141,7 +142,7 @@ def _rss_worker(rank: int, world: int, root: str, results: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{root}/store-rss", rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(world)
     before_model = _rss_mib("VmRSS")
-    model = BertLargeShapes()
+    model = BertLargeShapes(layers)
     _release_freed_memory()
     with_model = _rss_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as file:
@@ -160,11 +161,12 @@ def _rss_worker(rank: int, world: int, root: str, results: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=None, help="a folder on the disk to measure (default: a temporary folder)")
+    parser.add_argument("--layers", type=int, default=LAYERS, help=f"transformer layers (default {LAYERS}, BERT-large)")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="nxd-ckpt-bench-", dir=args.dir)
     try:
         io_results = os.path.join(root, "io.json")
-        mp.start_processes(_io_worker, args=(2, root, io_results), nprocs=2, start_method="spawn")
+        mp.start_processes(_io_worker, args=(2, root, args.layers, io_results), nprocs=2, start_method="spawn")
         with open(io_results) as file:
             io = json.load(file)
         from neuronx_distributed.parallel_layers import checkpoint_tools
@@ -175,7 +177,7 @@ def main() -> None:
         merge_seconds = time.perf_counter() - start
         unsharded_bytes = os.path.getsize(os.path.join(root, "unsharded", "model.safetensors"))
         rss_results = os.path.join(root, "rss.json")
-        mp.start_processes(_rss_worker, args=(2, root, rss_results), nprocs=2, start_method="spawn")
+        mp.start_processes(_rss_worker, args=(2, root, args.layers, rss_results), nprocs=2, start_method="spawn")
         rss = []
         for rank in range(2):
             with open(f"{rss_results}.{rank}") as file:
@@ -184,7 +186,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     gib = io["bytes"] / 1024**3
-    print(f"BERT-large-sized model: {io['params'] / 1e6:.0f}M parameters, fp32, TP=2 on 2 processes; "
+    print(f"BERT-large shapes, {args.layers} layers: {io['params'] / 1e6:.0f}M parameters, fp32, TP=2 on 2 processes; "
           f"checkpoint {gib:.2f} GiB; disk under {args.dir or tempfile.gettempdir()}")
     print()
     print(f"| {'operation':<44} | {'seconds':>7} | {'GiB/s':>6} | {'vs plain copy':>13} |")
