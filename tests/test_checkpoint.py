@@ -220,6 +220,55 @@ def test_unsharded_checkpoints_load_into_sharded_model(pools, tmp_path):
     pools.run(2, 2, _case_unsharded_sources, paths, "model")
 
 
+def _case_read_order(save_dir: str, model_only_dir: str, rendezvous: str):
+    """Load the whole dict, timing this rank's reads; then load only a model, every rank's first read
+    waiting until all ranks are reading (which never happens if they take turns). Returns the timed span."""
+    import time
+
+    from neuronx_distributed.parallel_layers.sharded_source import ShardedSource
+
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    read, times, waited = ShardedSource.read, [], []
+
+    def timed_read(self, name):
+        times.append(time.monotonic())
+        time.sleep(0.005)  # spans long enough to overlap if the ranks read at once
+        tensor = read(self, name)
+        times.append(time.monotonic())
+        return tensor
+
+    def read_once_all_are_reading(self, name):
+        if not waited:
+            open(os.path.join(rendezvous, str(rank)), "w").close()
+            deadline = time.monotonic() + 20
+            while len(os.listdir(rendezvous)) < world:
+                assert time.monotonic() < deadline, f"only ranks {sorted(os.listdir(rendezvous))} of {world} read at once"
+                time.sleep(0.01)
+            waited.append(True)
+        return read(self, name)
+
+    try:
+        ShardedSource.read = timed_read
+        load(save_dir)
+        span = (times[0], times[-1])
+        torch.manual_seed(SEED)
+        model = Net(parallel=True)
+        save(model.state_dict(), model_only_dir)
+        ShardedSource.read = read_once_all_are_reading
+        load(model_only_dir, model=model)
+        return span
+    finally:
+        ShardedSource.read = read
+
+
+def test_loads_that_hold_a_shard_take_turns(pools, saved, tmp_path):
+    """A load returning tensors beyond the model reads one rank of the host at a time; into a model, all at once."""
+    rendezvous = tmp_path / "reading"
+    rendezvous.mkdir()
+    spans = sorted(pools.run(4, 2, _case_read_order, saved[2], str(tmp_path / "model_only"), str(rendezvous)))
+    assert all(earlier[1] < later[0] for earlier, later in zip(spans, spans[1:])), spans
+
+
 def test_optimizer_matched_by_param_names(pools, tmp_path):
     """An optimizer built from named_parameters() records the match; it reshards TP=4 -> TP=2."""
     save_dir = str(tmp_path / "named")

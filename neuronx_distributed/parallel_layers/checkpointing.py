@@ -6,10 +6,12 @@ visible, and every rank returns once it is (or raises the same error), the
 writers after deleting, in parallel, the files of the checkpoint it replaced.
 
 load: every rank first checks what it will read (keys, shapes, TP degree,
-checksums) without touching the model; only when every rank passed do the
-ranks of each host take turns, one at a time, to read their tensors, so no two
-processes on a host hold checkpoint data at once. Into a model, tensors are
-read and copied one at a time (peak memory: the model plus one tensor).
+checksums) without touching the model; only when every rank passed does it
+read. Into a model, tensors are read and copied one at a time (peak memory: the
+model plus one tensor), every rank at once. A load that returns tensors beyond
+the model (optimizer state, or the whole dict without a model) holds up to a
+full shard, so there the ranks of each host take turns, one at a time: no two
+processes on a host hold a shard beyond their model at once.
 
 Sharding of the saved tensors: model tensors are sharded as the attributes
 that the parallel layers put on their `state_dict()` entries say. Optimizer state (torch layout:
@@ -93,13 +95,16 @@ def _check_everywhere(placement: _Placement, error: BaseException | None, what: 
 # ---------------------------------------------------------------- save
 
 
-def _model_state(state, model_key: str | None) -> dict | None:
-    """The model's state dict inside `state`: under `model_key`, or `state` itself when it is all tensors."""
+def _model_state(state, model_key: str | None, tensor_type: type = torch.Tensor) -> dict | None:
+    """The model's state dict inside `state`: under `model_key`, or `state` itself when it is all tensors.
+
+    `tensor_type` is what a tensor is in `state`: `TensorRef` in a checkpoint's decoded structure.
+    """
     if not isinstance(state, dict):
         return None
     if model_key is not None and isinstance(state.get(model_key), dict):
         return state[model_key]
-    if state and all(isinstance(value, torch.Tensor) for value in state.values()):
+    if state and all(isinstance(value, tensor_type) for value in state.values()):
         return state
     return None
 
@@ -358,9 +363,9 @@ def _host_turns(placement: _Placement) -> tuple[int, int]:
     return [rank for rank, host in enumerate(hosts) if host == hosts[me]].index(me), max(Counter(hosts).values())
 
 
-def _in_turns(placement: _Placement, work) -> object:
-    """Run `work()` on each host's ranks one at a time; raise everywhere if it failed anywhere."""
-    my_turn, turns = _host_turns(placement)
+def _in_turns(placement: _Placement, work, take_turns: bool) -> object:
+    """Run `work()` on every rank (each host's ranks one at a time if `take_turns`); raise everywhere if it failed anywhere."""
+    my_turn, turns = _host_turns(placement) if take_turns else (0, 1)
     result = None
     for turn in range(turns):
         error = None
@@ -399,6 +404,7 @@ def _resolved(tree, read):
 
 
 def _load_sharded(load_dir, model, model_key, strict, verify, placement):
+    """Check a sharded load; return (its read phase, whether that returns tensors beyond the model)."""
     manifest = fmt.read_manifest(load_dir)
     structure_file = manifest.files[ShardedSource.source_rank_for(placement.tp_rank, manifest)]
     if verify:
@@ -407,7 +413,7 @@ def _load_sharded(load_dir, model, model_key, strict, verify, placement):
     tree = decode(source.structure, TensorRef)
     targets, sources, rest = None, {}, tree
     if model is not None:
-        model_tree = _model_state(tree, model_key)
+        model_tree = _model_state(tree, model_key, TensorRef)
         if model_tree is None:
             keys = sorted(map(str, tree)) if isinstance(tree, dict) else type(tree).__name__
             raise CheckpointKeyError(
@@ -434,10 +440,11 @@ def _load_sharded(load_dir, model, model_key, strict, verify, placement):
             _copy_into(targets, sources, source.read)
         return _resolved(rest, source.read)
 
-    return read_phase
+    return read_phase, bool(rest_names)
 
 
 def _load_unsharded(path, model, model_key, strict, placement):
+    """Check an unsharded load into `model`; return (its read phase, False: it returns nothing)."""
     source = open_unsharded(path, model_key)
     targets = model.state_dict(keep_vars=True)
     sources = _match_keys(model, targets, source.keys(), strict)
@@ -464,7 +471,7 @@ def _load_unsharded(path, model, model_key, strict, placement):
             lambda _, start, stop: source.read(source_key, dim, start, stop),
         )
 
-    return lambda: _copy_into(targets, sources, read)
+    return lambda: _copy_into(targets, sources, read), False
 
 
 def load(load_dir: str, model: nn.Module | None = None, model_key: str | None = "model", sharded: bool = True,
@@ -484,18 +491,18 @@ def load(load_dir: str, model: nn.Module | None = None, model_key: str | None = 
     placement = _placement()
     if model is not None and not isinstance(model, nn.Module):
         raise CheckpointArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    read_phase, error = None, None
+    read_phase, returns_tensors, error = None, False, None
     try:
         if sharded:
-            read_phase = _load_sharded(load_dir, model, model_key, strict, verify, placement)
+            read_phase, returns_tensors = _load_sharded(load_dir, model, model_key, strict, verify, placement)
         elif model is None:
             raise CheckpointArgumentError(
                 "load(..., sharded=False) needs the model to load into: an unsharded checkpoint is sliced by the "
                 "model's parameters; pass model=your_model."
             )
         else:
-            read_phase = _load_unsharded(load_dir, model, model_key, strict, placement)
+            read_phase, returns_tensors = _load_unsharded(load_dir, model, model_key, strict, placement)
     except Exception as caught:  # every rank learns about it before any model changes
         error = caught
     _check_everywhere(placement, error, "checking the checkpoint")
-    return _in_turns(placement, read_phase)
+    return _in_turns(placement, read_phase, take_turns=returns_tensors)
