@@ -253,7 +253,10 @@ def stale_paths(save_dir: str, manifest: Manifest | None, tp_rank: int | None = 
 
 
 def remove_stale(save_dir: str, manifest: Manifest, tp_rank: int | None = None) -> None:
-    """Delete what `stale_paths` lists, then the tp_rank folders beyond the manifest's TP degree left empty."""
+    """Delete what `stale_paths` lists, then the tp_rank folders beyond the manifest's TP degree left empty.
+
+    With `tp_rank`, only that rank's share (see `stale_paths`); the empty folders are TP rank 0's.
+    """
     for relative in stale_paths(save_dir, manifest, tp_rank):
         os.remove(os.path.join(save_dir, relative))
     if tp_rank not in (None, 0):
