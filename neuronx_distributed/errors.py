@@ -21,8 +21,24 @@ class InputShapeError(NeuronxDistributedError, ValueError):
     """A tensor whose shape does not fit the layer or collective it was given to."""
 
 
+class LayerConfigError(NeuronxDistributedError, ValueError):
+    """Layer arguments that cannot work together, or a layer size that is not a positive integer."""
+
+
+class LayerFeatureNotSupportedError(NeuronxDistributedError, NotImplementedError):
+    """An upstream layer option this library accepts but does not implement for the given sizes (e.g. pad=True)."""
+
+
 class CollectiveError(NeuronxDistributedError, RuntimeError):
     """A collective that cannot run as asked (unsupported dtype, dead peer, timeout)."""
+
+
+class LossInputError(NeuronxDistributedError, ValueError):
+    """Inputs a loss function cannot take: targets outside the vocabulary, a label_smoothing outside [0, 1]."""
+
+
+class RNGStateTrackerError(NeuronxDistributedError, ValueError):
+    """An RNG tracker state added twice (same name or seed), or forked or restored without being added."""
 
 
 class CheckpointError(NeuronxDistributedError):
