@@ -119,3 +119,11 @@ class TracedModelCorruptError(TraceError, RuntimeError):
 
 class TracedModelSaveError(TraceError, RuntimeError):
     """A traced model that cannot be saved at the given path; the path keeps what it had."""
+
+
+class UnsafeTracedModelError(TracedModelCorruptError):
+    """A traced model's program archive with content that loading would execute (pickled data, code, a native library)."""
+
+
+class WorkerTimeoutError(TraceError, TimeoutError):
+    """A worker that stopped answering (stopped by a signal, or past the call timeout); the traced model is closed."""
