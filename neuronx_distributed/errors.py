@@ -81,6 +81,18 @@ class CheckpointArgumentError(CheckpointError, ValueError):
     """Arguments to `save` / `load` that cannot work together (e.g. sharded=False without a model)."""
 
 
+class TracedModelFolderError(CheckpointError, ValueError):
+    """A traced-model folder (trace.parallel_model_save) given where a checkpoint of `save` is expected."""
+
+
+class CheckpointBusyError(CheckpointError, RuntimeError):
+    """Another save to the same folder is in progress; the folder keeps what that save leaves."""
+
+
+class ReplicatedMismatchError(CheckpointError, ValueError):
+    """A tensor saved as replicated (no tensor-parallel attributes) that differs across the TP ranks."""
+
+
 class TraceError(NeuronxDistributedError):
     """Base class of the errors raised by `trace.parallel_model_trace`, `parallel_model_save` and `parallel_model_load`."""
 
