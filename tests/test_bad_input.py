@@ -18,7 +18,7 @@ from neuronx_distributed.parallel_layers import (
 
 
 def _layer_sizes_not_divisible():
-    with pytest.raises(ParallelSizeError, match=r"ColumnParallelLinear output_size \(6\) is not divisible by .* \(4\)"):
+    with pytest.raises(ParallelSizeError, match=r"ColumnParallelLinear output_size \(6\) is not divisible by 4"):
         ColumnParallelLinear(8, 6)
     with pytest.raises(ParallelSizeError, match=r"RowParallelLinear input_size \(6\)"):
         RowParallelLinear(6, 8)

@@ -1,18 +1,5 @@
-"""Move a model between devices keeping the tensor-parallel attributes of its parameters."""
+"""`move_model_to_device` at the module path the seed's package layout gives it (defined in `utils`)."""
 
-from __future__ import annotations
+from .utils import move_model_to_device
 
-import torch
-from torch import nn
-
-from .utils import tensor_model_parallel_attributes
-
-
-def move_model_to_device(model: nn.Module, device) -> nn.Module:
-    """`model.to(device)` that keeps `tensor_model_parallel`, `partition_dim`, `partition_stride`."""
-    attributes = {name: tensor_model_parallel_attributes(p) for name, p in model.named_parameters()}
-    model.to(torch.device(device))
-    for name, param in model.named_parameters():
-        for attr, value in attributes[name].items():
-            setattr(param, attr, value)
-    return model
+__all__ = ["move_model_to_device"]

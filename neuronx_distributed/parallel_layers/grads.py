@@ -1,4 +1,5 @@
-"""Gradient clipping across the TP group and gradient averaging across the DP group."""
+"""Gradient clipping across the TP group, gradient averaging across the DP group, and the
+sequence-parallel gradient sum across the TP group."""
 
 from __future__ import annotations
 
@@ -64,19 +65,74 @@ def _resolve_data_parallel_group(group, groups):
     return parallel_state.get_data_parallel_group()
 
 
+def _grads_agreed_across(params: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """The gradients of `params` that some rank of `group` holds, the same list on every rank.
+
+    One small all-reduce (max) of a presence mask lets the ranks agree which parameters
+    have a gradient anywhere; a rank without one gets zeros (as DDP treats a parameter
+    unused on one replica), so that bucket i holds the same parameters on every rank.
+    Parameters without a gradient on every rank are left with None. Every rank must pass
+    the same parameters in the same order.
+    """
+    if not params:
+        return []
+    device = next((p.grad.device for p in params if p.grad is not None), params[0].device)
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    comm.all_reduce(present, op="max", group=group)
+    grads = []
+    for param, anywhere in zip(params, present.tolist()):
+        if anywhere and param.grad is None:
+            param.grad = torch.zeros_like(param)
+        if anywhere:
+            grads.append(param.grad)
+    return grads
+
+
+def _all_reduce_in_buckets(grads: list[torch.Tensor], group, bucket_bytes: int, divide_by: int) -> None:
+    for bucket in _buckets(grads, bucket_bytes):
+        flat = _flatten_dense_tensors(bucket)
+        comm.all_reduce(flat, op="sum", group=group)
+        if divide_by != 1:
+            flat.div_(divide_by)
+        for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            grad.copy_(reduced)
+
+
 def all_reduce_gradients(parameters: Iterable[torch.Tensor], group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
-    """Average gradients over the DP group, in buckets of at most `bucket_bytes` per dtype."""
+    """Average gradients over the DP group, in buckets of at most `bucket_bytes` per dtype.
+
+    A parameter that has a gradient on some replicas only is averaged with zeros from the
+    others (as DDP does for unused parameters): the ranks first agree which parameters
+    have gradients, so a missing gradient never pairs two different parameters. Every
+    rank must pass the same parameters in the same order.
+    """
     group = parallel_state.get_data_parallel_group() if group is None else group
     world = dist.get_world_size(group)
     if world == 1:
         return
-    grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
-    for bucket in _buckets(grads, bucket_bytes):
-        flat = _flatten_dense_tensors(bucket)
-        comm.all_reduce(flat, op="sum", group=group)
-        flat.div_(world)
-        for grad, averaged in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-            grad.copy_(averaged)
+    grads = _grads_agreed_across(_as_list(parameters), group)
+    _all_reduce_in_buckets(grads, group, bucket_bytes, divide_by=world)
+
+
+def allreduce_sequence_parallel_gradients(optimizer: torch.optim.Optimizer, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+    """Sum over the TP group the gradients of the optimizer's parameters marked `sequence_parallel_enabled`.
+
+    With sequence parallelism each TP rank sees its chunk of the sequence only, so the
+    replicated parameters used there (LayerNorm, RowParallelLinear's bias) hold partial
+    gradients; call this after backward and before clipping or the optimizer step.
+    Missing gradients are handled as in `all_reduce_gradients`. The TP group defaults to
+    the one `parallel_state` set up.
+    """
+    group = parallel_state.get_tensor_model_parallel_group() if group is None else group
+    if dist.get_world_size(group) == 1:
+        return
+    params = [
+        p
+        for param_group in optimizer.param_groups
+        for p in param_group["params"]
+        if getattr(p, "sequence_parallel_enabled", False)
+    ]
+    _all_reduce_in_buckets(_grads_agreed_across(params, group), group, bucket_bytes, divide_by=1)
 
 
 def _buckets(grads: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:

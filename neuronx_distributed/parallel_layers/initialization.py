@@ -37,18 +37,11 @@ def shard_of(master: torch.Tensor, partition_dim: int, stride: int, rank: int, w
     return torch.cat(blocks[rank::world_size], dim=partition_dim).contiguous()
 
 
-def sharded_master(
-    full_shape: tuple[int, ...],
-    initializer: Callable[[torch.Tensor], object],
-    partition_dim: int,
-    stride: int,
-    rank: int,
-    world_size: int,
-    dtype: torch.dtype,
-    device,
+def initialized_master(
+    full_shape: tuple[int, ...], initializer: Callable[[torch.Tensor], object], dtype: torch.dtype, device
 ) -> torch.Tensor:
-    """Initialize a tensor of `full_shape` with `initializer`, then return this rank's shard."""
+    """A tensor of `full_shape` initialized with `initializer` (the master that every rank shards)."""
     master = torch.empty(full_shape, dtype=dtype, device=device)
     with torch.no_grad():
         initializer(master)
-    return shard_of(master, partition_dim, stride, rank, world_size)
+    return master
