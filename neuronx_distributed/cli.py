@@ -1,4 +1,9 @@
-"""The `nxd` command: `nxd checkpoint inspect|verify|merge|reshard` (no process group needed)."""
+"""The `nxd` command: `nxd checkpoint inspect|verify|merge|reshard` (no process group needed).
+
+Every argument is checked before anything is written (argparse types here, the
+folders in `checkpoint_tools`); errors print one line that says what to do and
+exit with status 2 (1: `verify` found a damaged checkpoint), never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,16 @@ def _bytes(text: str) -> int:
     match = _SIZE.match(text)
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 500MB or 5GB")
-    return int(float(match.group(1)) * _UNITS[match.group(2)[:1].upper()])
+    size = int(float(match.group(1)) * _UNITS[match.group(2)[:1].upper()])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is less than one byte; pass a size such as 500MB or 5GB")
+    return size
+
+
+def _tensor_parallel_size(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TP degree; pass an integer >= 1, e.g. --tp 2")
+    return int(text)
 
 
 def _human(count: float) -> str:
@@ -95,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     reshard = actions.add_parser("reshard", help="write the whole checkpoint at another TP degree (--tp 1: unsharded)")
     reshard.add_argument("dir")
     reshard.add_argument("out")
-    reshard.add_argument("--tp", type=int, required=True, help="the target tensor-parallel degree")
+    reshard.add_argument("--tp", type=_tensor_parallel_size, required=True, help="the target tensor-parallel degree (>= 1)")
     reshard.set_defaults(run=_reshard)
     return parser
 
@@ -107,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except NeuronxDistributedError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # permissions, disk full, a path that went away: the system's words suffice
+        print(f"error: {error}; check the paths, their permissions and the free space.", file=sys.stderr)
         return 2
 
 

@@ -5,9 +5,16 @@
     save_dir/tp_rank_01/checkpoint-<save_id>.safetensors
 
 Each shard file holds one TP rank's tensors; its safetensors metadata holds the
-rank's whole state structure as JSON (see `state_tree`). Every save writes files
+rank's whole state structure as JSON (see `state_tree`), the TP rank and the
+`save_id` it was written for, so a file copied into another rank's place or from
+another save is refused even with a matching checksum. Every save writes files
 under a fresh `save_id`, so the files of the previous checkpoint stay intact
 until the new manifest replaces the old one; only then are they removed.
+
+Reading trusts nothing on disk: the manifest is checked against its schema
+(`manifest_schema`), and each shard file, before safetensors opens it, must be a
+regular file inside the checkpoint folder of the recorded size whose header
+agrees with the manifest (names, dtypes, shapes, offsets, rank, save).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 import zlib
 from collections.abc import Callable
@@ -23,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..durable import fsync_path, replace_with_text
@@ -31,31 +38,32 @@ from ..errors import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
     IncompleteCheckpointError,
+    TracedModelFolderError,
 )
+from .manifest_schema import (  # noqa: F401 - the format's names, used as fmt.<name>
+    CHECKSUM,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LOCAL,
+    REPLICATED,
+    SAFETENSORS_DTYPES,
+    SHARDED,
+    check_manifest,
+    rank_folder,
+    shard_file_path,
+)
+from .state_tree import TensorRef, decode, tensor_names
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_NAME = "neuronx_distributed.checkpoint"
-FORMAT_VERSION = 1
+SAVE_LOCK_NAME = ".nxd-save.lock"  # held by the process writing the folder (`folder_lock`)
+TRACED_MODEL_MANIFEST = "traced_model.json"  # trace.parallel_model_save's manifest
 STRUCTURE_KEY = "nxd.structure"
-CHECKSUM = "crc32"
+TP_RANK_KEY = "nxd.tp_rank"
+SAVE_ID_KEY = "nxd.save_id"
 _RANK_FOLDER = re.compile(r"^tp_rank_(\d+)$")
 _SHARD_FILE = re.compile(r"^checkpoint-[0-9a-f]+\.safetensors(\.tmp)?$")
 _CHUNK_BYTES = 16 * 1024 * 1024
-
-# Layouts of a tensor across the TP ranks of a checkpoint.
-SHARDED = "sharded"  # each rank holds a slice along partition_dim (with partition_stride)
-REPLICATED = "replicated"  # every rank holds the same tensor
-LOCAL = "local"  # each rank holds its own value; loadable only at the same TP degree
-
-
-def rank_folder(tp_rank: int) -> str:
-    """The folder of TP rank `tp_rank`: tp_rank_00, tp_rank_01, ..."""
-    return f"tp_rank_{tp_rank:02d}"
-
-
-def shard_file_path(tp_rank: int, save_id: str) -> str:
-    """Path of a rank's shard file relative to the checkpoint folder."""
-    return f"{rank_folder(tp_rank)}/checkpoint-{save_id}.safetensors"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -105,20 +113,32 @@ class Manifest:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
-        raw = json.loads(text)
+    def from_json(cls, text: str | bytes) -> Manifest:
+        """The manifest in `text`; CheckpointCorruptError saying what is wrong unless it fits the schema."""
+        try:
+            raw = json.loads(text)
+        except (ValueError, RecursionError) as error:
+            raise CheckpointCorruptError(f"the manifest is not valid JSON ({error}); the checkpoint is damaged.") from error
+        check_manifest(raw)
         raw["files"] = [FileEntry(**entry) for entry in raw["files"]]
         raw["tensors"] = {name: TensorEntry(**entry) for name, entry in raw["tensors"].items()}
         return cls(**raw)
 
 
-def checksum_file(path: str, progress: Callable[[int], object] | None = None) -> tuple[str, int]:
-    """(crc32 as 8 hex digits, size in bytes) of the file at `path`; `progress(n)` after each chunk."""
+def checksum_file(path: str, progress: Callable[[int], object] | None = None, limit: int | None = None) -> tuple[str, int]:
+    """(crc32 as 8 hex digits, size in bytes) of the file at `path`; `progress(n)` after each chunk.
+
+    With `limit`, reads at most `limit + 1` bytes (enough to tell that the file is longer).
+    """
     crc, size = 0, 0
     with open(path, "rb", buffering=0) as file:
         buffer = bytearray(_CHUNK_BYTES)
         view = memoryview(buffer)
-        while count := file.readinto(buffer):
+        while limit is None or size <= limit:
+            wanted = _CHUNK_BYTES if limit is None else min(_CHUNK_BYTES, limit + 1 - size)
+            count = file.readinto(view[:wanted])
+            if not count:
+                break
             crc = zlib.crc32(view[:count], crc)
             size += count
             if progress is not None:
@@ -158,7 +178,12 @@ def write_shard_file(save_dir: str, tp_rank: int, save_id: str, tensors: dict[st
     final = os.path.join(save_dir, relative)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     partial = final + ".tmp"
-    metadata = {"format": "pt", STRUCTURE_KEY: json.dumps(structure, separators=(",", ":"))}
+    metadata = {
+        "format": "pt",
+        STRUCTURE_KEY: json.dumps(structure, separators=(",", ":")),
+        TP_RANK_KEY: str(tp_rank),
+        SAVE_ID_KEY: save_id,
+    }
     save_file(tensors, partial, metadata=metadata)
     with open(partial, "rb") as file, ThreadPoolExecutor(max_workers=1) as flusher:
         flushed = flusher.submit(os.fsync, file.fileno())
@@ -175,12 +200,35 @@ def write_manifest(save_dir: str, manifest: Manifest) -> None:
     replace_with_text(final, manifest.to_json(), f"{final}.{manifest.save_id}.tmp")
 
 
+def _regular_file(path: str, what: str) -> os.stat_result:
+    """stat of `path`, refusing (before anything opens it) what is not a regular file: a FIFO or device would hang."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path} is missing ({what}); copy the whole checkpoint folder.") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointCorruptError(
+            f"{path} ({what}) is not a regular file (a folder, FIFO, socket or device); a checkpoint holds only "
+            "the files that save wrote: restore the checkpoint folder from a copy."
+        )
+    return info
+
+
 def read_manifest(load_dir: str) -> Manifest:
-    """The manifest of the checkpoint at `load_dir`, with errors that say what is wrong."""
+    """The manifest of the checkpoint at `load_dir`, checked against its schema, with errors that say what is wrong."""
     path = os.path.join(load_dir, MANIFEST_NAME)
     if not os.path.isdir(load_dir):
-        raise CheckpointNotFoundError(f"no checkpoint folder at {load_dir!r}; check the path.")
-    if not os.path.exists(path):
+        what = "a file, not a folder" if os.path.exists(load_dir) else "no such folder"
+        raise CheckpointNotFoundError(
+            f"no checkpoint folder at {load_dir!r} ({what}); pass the folder that parallel_layers.save wrote "
+            "(for a torch.save or safetensors file, load(..., sharded=False))."
+        )
+    if not os.path.lexists(path):
+        if os.path.exists(os.path.join(load_dir, TRACED_MODEL_MANIFEST)):
+            raise TracedModelFolderError(
+                f"{load_dir!r} holds a traced model (trace.parallel_model_save), not a checkpoint of "
+                "parallel_layers.save; load it with neuronx_distributed.trace.parallel_model_load."
+            )
         if any(_RANK_FOLDER.match(name) for name in os.listdir(load_dir)):
             raise IncompleteCheckpointError(
                 f"{load_dir!r} has tp_rank_* folders but no {MANIFEST_NAME}: the save that wrote them did not "
@@ -190,18 +238,15 @@ def read_manifest(load_dir: str) -> Manifest:
             f"no {MANIFEST_NAME} in {load_dir!r}: not a sharded checkpoint written by parallel_layers.save; "
             "for a torch.save / safetensors / Hugging Face checkpoint pass sharded=False."
         )
+    _regular_file(path, "the checkpoint's manifest")
+    with open(path, "rb") as file:
+        text = file.read()
     try:
-        with open(path) as file:
-            manifest = Manifest.from_json(file.read())
-    except (ValueError, TypeError, KeyError) as error:
-        raise CheckpointCorruptError(f"{path} cannot be read ({error}); the checkpoint is damaged.") from error
-    if manifest.format != FORMAT_NAME or manifest.version > FORMAT_VERSION:
-        raise CheckpointCorruptError(
-            f"{path} is format {manifest.format!r} version {manifest.version}; this library reads "
-            f"{FORMAT_NAME!r} up to version {FORMAT_VERSION} (upgrade neuronx_distributed)."
-        )
+        manifest = Manifest.from_json(text)
+    except CheckpointCorruptError as error:
+        raise CheckpointCorruptError(f"{path}: {error}") from None
     for entry in manifest.files:
-        if not os.path.exists(os.path.join(load_dir, entry.path)):
+        if not os.path.lexists(os.path.join(load_dir, entry.path)):
             folder = os.path.dirname(entry.path)
             raise CheckpointNotFoundError(
                 f"{os.path.join(load_dir, entry.path)} is missing (shard folder {folder!r} of a TP="
@@ -210,10 +255,31 @@ def read_manifest(load_dir: str) -> Manifest:
     return manifest
 
 
+def shard_path(load_dir: str, entry: FileEntry) -> str:
+    """The path of a manifest's shard file, refused unless it is a regular file inside `load_dir` of the recorded size.
+
+    A symbolic link is followed only while it stays inside the checkpoint folder.
+    """
+    path = os.path.join(load_dir, entry.path)
+    root, real = os.path.realpath(load_dir), os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise CheckpointCorruptError(
+            f"{path} resolves to {real}, outside the checkpoint folder {root}; a checkpoint holds its own files "
+            "(copy them in instead of linking to them)."
+        )
+    info = _regular_file(path, f"the shard file of {os.path.dirname(entry.path)}")
+    if info.st_size != entry.bytes:
+        raise CheckpointCorruptError(
+            f"{path} has {info.st_size} bytes but the manifest records {entry.bytes}: the file was truncated or "
+            "changed after saving; restore it from a copy or load an earlier checkpoint."
+        )
+    return path
+
+
 def verify_file(load_dir: str, entry: FileEntry, progress: Callable[[int], object] | None = None) -> None:
     """Raise CheckpointCorruptError unless the file's size and checksum match its manifest entry."""
-    path = os.path.join(load_dir, entry.path)
-    crc, size = checksum_file(path, progress)
+    path = shard_path(load_dir, entry)
+    crc, size = checksum_file(path, progress, limit=entry.bytes)
     if (crc, size) != (entry.crc32, entry.bytes):
         raise CheckpointCorruptError(
             f"{path} does not match the manifest (crc32 {crc} vs {entry.crc32}, {size} vs {entry.bytes} bytes): "
@@ -221,10 +287,115 @@ def verify_file(load_dir: str, entry: FileEntry, progress: Callable[[int], objec
         )
 
 
-def read_structure(load_dir: str, entry: FileEntry):
-    """The state structure (JSON) stored in a shard file's metadata."""
-    with safe_open(os.path.join(load_dir, entry.path), framework="pt") as file:
-        return json.loads(file.metadata()[STRUCTURE_KEY])
+@dataclass
+class ShardFile:
+    """A shard file whose header agrees with the manifest: its path, state structure and tensor names."""
+
+    path: str
+    structure: object
+    names: frozenset[str]
+
+
+def _local_shape(entry: TensorEntry, tp_size: int) -> list[int]:
+    """The shape of one saved rank's tensor of `entry`."""
+    shape = list(entry.shape)
+    if entry.layout == SHARDED:
+        shape[entry.partition_dim] //= tp_size
+    return shape
+
+
+def _read_header(path: str, size: int) -> tuple[dict, int]:
+    """(JSON header, bytes of tensor data) of the safetensors file at `path` (`size` bytes), read no further than the header."""
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (header_bytes,) = struct.unpack("<Q", prefix)
+        if header_bytes > min(size - 8, _MAX_HEADER_BYTES):
+            raise ValueError(f"its header length {header_bytes} exceeds the file")
+        text = file.read(header_bytes)
+    header = json.loads(text)
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    return header, size - 8 - header_bytes
+
+
+def _check_header_tensors(header: dict, data_bytes: int) -> dict[str, tuple[str, list[int]]]:
+    """name -> (safetensors dtype, shape), after checking that the tensors tile the data area exactly."""
+    tensors, spans = {}, []
+    item_bytes = dict(SAFETENSORS_DTYPES.values())
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"tensor {name!r:.100} has a malformed entry")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in item_bytes:
+            raise ValueError(f"tensor {name!r:.100} has dtype {dtype!r:.40}")
+        if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
+            raise ValueError(f"tensor {name!r:.100} has shape {shape!r:.80}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(at) is int for at in offsets):
+            raise ValueError(f"tensor {name!r:.100} has data_offsets {offsets!r:.80}")
+        if offsets[1] - offsets[0] != math.prod(shape) * item_bytes[dtype]:
+            raise ValueError(f"tensor {name!r:.100} has {offsets[1] - offsets[0]} bytes for shape {shape} {dtype}")
+        tensors[name] = (dtype, shape)
+        spans.append(offsets)
+    end = 0
+    for begin, stop in sorted(spans):
+        if begin != end:
+            raise ValueError("its tensors overlap or leave gaps")
+        end = stop
+    if end != data_bytes:
+        raise ValueError(f"its tensors hold {end} bytes but the file holds {data_bytes}")
+    return tensors
+
+
+def check_shard_file(load_dir: str, manifest: Manifest, tp_rank: int) -> ShardFile:
+    """TP rank `tp_rank`'s shard file, checked against the manifest before safetensors opens it.
+
+    Refused with CheckpointCorruptError unless it is a regular file inside the folder of
+    the recorded size, written for this rank by this save (its metadata says so), whose
+    tensors are exactly those its structure names, each with the manifest's dtype and
+    this rank's shape. Reads only the header (no checksum: see `verify_file`).
+    """
+    entry = manifest.files[tp_rank]
+    path = shard_path(load_dir, entry)
+    try:
+        header, data_bytes = _read_header(path, entry.bytes)
+        metadata = header.pop("__metadata__", None)
+        if not isinstance(metadata, dict) or not isinstance(metadata.get(STRUCTURE_KEY), str):
+            raise ValueError("its metadata holds no state structure")
+        tensors = _check_header_tensors(header, data_bytes)
+        structure = json.loads(metadata[STRUCTURE_KEY])
+        names = list(dict.fromkeys(tensor_names(structure)))
+        decode(structure, TensorRef)  # raises CheckpointCorruptError on a malformed entry
+    except (ValueError, RecursionError) as error:  # json's errors and ours: all say what is malformed
+        raise _corrupt(path, str(error) or "nested too deeply") from None
+    saved_rank, save_id = metadata.get(TP_RANK_KEY), metadata.get(SAVE_ID_KEY)
+    if (saved_rank, save_id) != (str(tp_rank), manifest.save_id):
+        raise _corrupt(
+            path, f"it was written as TP rank {saved_rank} of save {save_id}, but the manifest lists it as TP rank "
+            f"{tp_rank} of save {manifest.save_id}: files of different ranks or saves were swapped or copied in"
+        )
+    if set(names) != set(tensors):
+        odd = sorted(set(names) ^ set(tensors))[:10]
+        raise _corrupt(path, f"its structure and its tensors differ in {odd}")
+    for name in names:
+        recorded = manifest.tensors.get(name)
+        if recorded is None:
+            raise _corrupt(path, f"it holds {name!r:.100}, which the manifest does not list")
+        expected = (SAFETENSORS_DTYPES[recorded.dtype][0], _local_shape(recorded, manifest.tensor_parallel_size))
+        if tensors[name] != expected:
+            raise _corrupt(
+                path, f"{name!r:.100} is {tensors[name][1]} {tensors[name][0]} in the file but the manifest implies "
+                f"{expected[1]} {expected[0]} for TP rank {tp_rank} of {manifest.tensor_parallel_size}"
+            )
+    return ShardFile(path, structure, frozenset(names))
+
+
+def _corrupt(path: str, problem: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"{path} is not a valid shard file of this checkpoint ({problem}); restore the checkpoint folder from a "
+        "copy or load an earlier checkpoint."
+    )
 
 
 def _cleanup_owner(folder_rank: int, tp_size: int) -> int:

@@ -6,6 +6,10 @@ above `max_shard_bytes`) that `load(..., sharded=False)` and transformers'
 `from_pretrained` read. `reshard` writes the whole checkpoint (model, optimizer
 and everything else) at another TP degree; `reshard(..., 1)` is the complete
 unsharded checkpoint in our format.
+
+Every argument is checked before anything is written (`check_output_folder`,
+`check_tensor_parallel_size`): an output folder that holds a checkpoint is
+replaced only by a complete new one, and a failed run removes what it wrote.
 """
 
 from __future__ import annotations
@@ -17,31 +21,97 @@ import re
 import uuid
 from functools import partial
 
+import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .. import folder_lock
 from ..durable import fsync_path
-from ..errors import CheckpointKeyError
+from ..errors import (
+    CheckpointArgumentError,
+    CheckpointBusyError,
+    CheckpointCorruptError,
+    CheckpointKeyError,
+    ReplicatedMismatchError,
+    ReshardError,
+)
 from . import checkpoint_format as fmt
+from .resharding import check_divisible
 from .sharded_source import ShardedSource
 from .state_tree import TensorRef, decode
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-_MERGED_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
+_MERGED_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.tmp)?$|^model\.safetensors\.index\.json(\.tmp)?$")
+_CHECKPOINT_ENTRY = re.compile(r"^manifest\.json(\.[0-9a-f]+\.tmp)?$|^tp_rank_\d+$")
 
 
 def verify(load_dir: str, progress: bool = False) -> fmt.Manifest:
-    """Check every shard file against the manifest's checksums; return the manifest."""
+    """Check every shard file against the manifest (header, rank, save, checksum) and the files against
+    each other (the same replicated tensors everywhere); return the manifest."""
     manifest = fmt.read_manifest(load_dir)
     with tqdm(total=sum(f.bytes for f in manifest.files), unit="B", unit_scale=True, desc="verify", disable=not progress) as bar:
         for entry in manifest.files:
             fmt.verify_file(load_dir, entry, bar.update)
+    shard_files = [fmt.check_shard_file(load_dir, manifest, rank) for rank in range(manifest.tensor_parallel_size)]
+    for name, entry in manifest.tensors.items():
+        holders = [shard.names.__contains__(name) for shard in shard_files]
+        if entry.layout == fmt.SHARDED and not all(holders):
+            raise CheckpointCorruptError(
+                f"'{name}' is sharded over {manifest.tensor_parallel_size} TP ranks but the files of TP ranks "
+                f"{[rank for rank, held in enumerate(holders) if not held]} lack it; restore the checkpoint from a copy."
+            )
     return manifest
+
+
+def check_tensor_parallel_size(tensor_parallel_size, manifest: fmt.Manifest) -> None:
+    """Raise ReshardError unless the checkpoint can be written at TP degree `tensor_parallel_size` (no files read)."""
+    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise ReshardError(f"the TP degree must be an integer >= 1, got {tensor_parallel_size!r:.40}; pass e.g. --tp 2.")
+    for name, entry in manifest.tensors.items():
+        if entry.layout == fmt.LOCAL and tensor_parallel_size != manifest.tensor_parallel_size:
+            raise ReshardError(
+                f"'{name}' holds a different value on each of the {manifest.tensor_parallel_size} TP ranks that saved it "
+                f"and cannot be resharded to TP={tensor_parallel_size}."
+            )
+        if entry.layout == fmt.SHARDED:
+            check_divisible(name, entry.shape, entry.partition_dim, entry.partition_stride, tensor_parallel_size)
+
+
+def _same_folder(first: str, second: str) -> bool:
+    return os.path.exists(second) and os.path.samefile(first, second)
+
+
+def check_output_folder(load_dir: str, out_dir: str, kind: str) -> None:
+    """Raise CheckpointArgumentError unless `out_dir` may receive a `kind` ("checkpoint" or "merge") of `load_dir`.
+
+    It must not be `load_dir` or inside it, nor a file; an existing folder may hold
+    only what that kind writes (a checkpoint, or an earlier merge), which a
+    finished run replaces.
+    """
+    if not isinstance(out_dir, str) or not out_dir:
+        raise CheckpointArgumentError(f"the output folder must be a non-empty path, got {out_dir!r:.80}.")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CheckpointArgumentError(f"{out_dir!r} is a file, not a folder; pass a new or empty folder to write to.")
+    real_in, real_out = os.path.realpath(load_dir), os.path.realpath(out_dir)
+    if _same_folder(load_dir, out_dir) or os.path.commonpath([real_in, real_out]) == real_in:
+        raise CheckpointArgumentError(
+            f"{out_dir!r} is the checkpoint being read, or inside it; write to another folder (then move it if you like)."
+        )
+    if not os.path.isdir(out_dir):
+        return
+    belongs = _MERGED_FILE.match if kind == "merge" else _CHECKPOINT_ENTRY.match
+    others = sorted(name for name in os.listdir(out_dir) if not belongs(name) and name != fmt.SAVE_LOCK_NAME)
+    if others:
+        what = "a merged model" if kind == "merge" else "a checkpoint"
+        raise CheckpointArgumentError(
+            f"{out_dir!r} holds {others[:5]}{' ...' if len(others) > 5 else ''}, which is not {what}; "
+            "write to a new or empty folder (nothing was written)."
+        )
 
 
 def model_tensor_names(load_dir: str, manifest: fmt.Manifest, model_key: str | None) -> dict[str, str]:
     """Model state-dict key -> tensor name, from TP rank 0's structure."""
-    tree = decode(fmt.read_structure(load_dir, manifest.files[0]), TensorRef)
+    tree = decode(fmt.check_shard_file(load_dir, manifest, 0).structure, TensorRef)
     key = model_key if model_key is not None else manifest.model_key
     if isinstance(tree, dict) and key is not None and isinstance(tree.get(key), dict):
         tree = tree[key]
@@ -54,16 +124,52 @@ def model_tensor_names(load_dir: str, manifest: fmt.Manifest, model_key: str | N
     return {key: value.name for key, value in tree.items()}
 
 
+@contextlib.contextmanager
+def _writing(out_dir: str):
+    """Create `out_dir` and hold its write lock (the one `save` takes) for the block."""
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        with folder_lock.locked(out_dir, fmt.SAVE_LOCK_NAME):
+            yield
+    except folder_lock.FolderBusy as busy:
+        raise CheckpointBusyError(f"{busy} is writing to {out_dir!r} right now; wait for it, or write elsewhere.") from None
+
+
+def _check_replicated_equal(source_files: list[ShardedSource], names) -> None:
+    """Raise ReplicatedMismatchError if a model tensor recorded as replicated differs between rank files."""
+    first = source_files[0]
+    for name in names:
+        if first.manifest.tensors[name].layout != fmt.REPLICATED:
+            continue
+        reference = first.read(name)
+        for other in source_files[1:]:
+            if not torch.equal(other.read(name), reference):
+                raise ReplicatedMismatchError(
+                    f"model tensor '{name}' is recorded as replicated but TP rank {other.rank}'s file holds a "
+                    "different value than TP rank 0's: it is a shard saved without its tensor-parallel attributes "
+                    "(a copied or cast state dict), so no merged value is right. Save model.state_dict() itself again."
+                )
+
+
 def merge(load_dir: str, out_dir: str, model_key: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
           progress: bool = False) -> list[str]:
     """Write the model's unsharded tensors to `out_dir`; return the files written.
 
     Every file is written aside and renamed into place once all are complete, so a
     failed merge leaves an earlier merge in `out_dir` as it was; a finished one
-    replaces it, deleting its files that the new one does not have.
+    replaces it, deleting its files that the new one does not have. A model tensor
+    recorded as replicated must be the same in every rank's file.
     """
+    check_output_folder(load_dir, out_dir, "merge")
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise CheckpointArgumentError(f"max_shard_bytes must be an integer >= 1, got {max_shard_bytes!r:.40}; pass e.g. 5GB.")
+    if model_key is not None and not isinstance(model_key, str):
+        raise CheckpointArgumentError(f"model_key must be a string or None, got {type(model_key).__name__}.")
     manifest = verify(load_dir, progress)
     names = model_tensor_names(load_dir, manifest, model_key)
+    per_rank = [ShardedSource(load_dir, manifest, rank, manifest.tensor_parallel_size)
+                for rank in range(manifest.tensor_parallel_size)]
+    _check_replicated_equal(per_rank, names.values())
     source = ShardedSource(load_dir, manifest, 0, 1)
     source.check_loadable(names.values())
     groups, size = [[]], 0
@@ -75,31 +181,31 @@ def merge(load_dir: str, out_dir: str, model_key: str | None = None, max_shard_b
             size = 0
         groups[-1].append(key)
         size += nbytes
-    os.makedirs(out_dir, exist_ok=True)
     files = ["model.safetensors"] if len(groups) == 1 else [
         f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors" for index in range(len(groups))
     ]
-    written = []
-    try:
-        with tqdm(total=len(names), unit="tensor", desc="merge", disable=not progress) as bar:
-            for file_name, keys in zip(files, groups):
-                tensors = {}
-                for key in keys:
-                    tensors[key] = source.read(names[key])
-                    bar.update()
-                written.append(_write_aside(os.path.join(out_dir, file_name), partial(save_file, tensors, metadata={"format": "pt"})))
-        if len(files) > 1:
-            index = {
-                "metadata": {"total_size": sum(manifest.tensors[name].nbytes for name in names.values())},
-                "weight_map": {key: file_name for file_name, keys in zip(files, groups) for key in keys},
-            }
-            files.append("model.safetensors.index.json")
-            written.append(_write_aside(os.path.join(out_dir, files[-1]), partial(_write_json, value=index)))
-    except BaseException:
-        for aside in written:
-            os.remove(aside)
-        raise
-    _publish(out_dir, written)
+    with _writing(out_dir):
+        written = []
+        try:
+            with tqdm(total=len(names), unit="tensor", desc="merge", disable=not progress) as bar:
+                for file_name, keys in zip(files, groups):
+                    tensors = {}
+                    for key in keys:
+                        tensors[key] = source.read(names[key])
+                        bar.update()
+                    written.append(_write_aside(os.path.join(out_dir, file_name), partial(save_file, tensors, metadata={"format": "pt"})))
+            if len(files) > 1:
+                index = {
+                    "metadata": {"total_size": sum(manifest.tensors[name].nbytes for name in names.values())},
+                    "weight_map": {key: file_name for file_name, keys in zip(files, groups) for key in keys},
+                }
+                files.append("model.safetensors.index.json")
+                written.append(_write_aside(os.path.join(out_dir, files[-1]), partial(_write_json, value=index)))
+        except BaseException:
+            for aside in written:
+                os.remove(aside)
+            raise
+        _publish(out_dir, written)
     return files
 
 
@@ -134,23 +240,37 @@ def _publish(out_dir: str, written_aside: list[str]) -> None:
 
 
 def reshard(load_dir: str, out_dir: str, tensor_parallel_size: int, progress: bool = False) -> fmt.Manifest:
-    """Write the whole checkpoint at `load_dir` to `out_dir` at TP degree `tensor_parallel_size` (atomically)."""
+    """Write the whole checkpoint at `load_dir` to `out_dir` at TP degree `tensor_parallel_size` (atomically).
+
+    Every argument is checked before anything is written; a checkpoint already in
+    `out_dir` stays the one that loads until the new one is complete, and a failed
+    reshard removes the files it wrote.
+    """
+    check_output_folder(load_dir, out_dir, "checkpoint")
     manifest = verify(load_dir, progress)
-    sources = [ShardedSource(load_dir, manifest, rank, tensor_parallel_size) for rank in range(tensor_parallel_size)]
-    for source in sources:  # every error before the first byte is written
-        source.check_loadable(source.names())
+    check_tensor_parallel_size(tensor_parallel_size, manifest)
     save_id = uuid.uuid4().hex
     files, entries = [], {}
-    with tqdm(total=sum(len(s.names()) for s in sources), unit="tensor", desc="reshard", disable=not progress) as bar:
-        for rank, source in enumerate(sources):
-            tensors = {}
-            for name in source.names():
-                tensors[name] = source.read(name)
-                entries[name] = manifest.tensors[name]
-                bar.update()
-            files.append(fmt.write_shard_file(out_dir, rank, save_id, tensors, source.structure))
-    resharded = fmt.Manifest(tensor_parallel_size, save_id, manifest.model_key, files, entries)
-    fmt.write_manifest(out_dir, resharded)
-    fmt.remove_stale(out_dir, resharded)
+    with _writing(out_dir):
+        try:
+            with tqdm(total=len(manifest.tensors), unit="tensor", desc="reshard", disable=not progress) as bar:
+                for rank in range(tensor_parallel_size):
+                    source = ShardedSource(load_dir, manifest, rank, tensor_parallel_size)
+                    source.check_loadable(source.names())
+                    tensors = {}
+                    for name in source.names():
+                        tensors[name] = source.read(name)
+                        entries[name] = manifest.tensors[name]
+                        bar.update(1 if rank == 0 else 0)
+                    files.append(fmt.write_shard_file(out_dir, rank, save_id, tensors, source.structure))
+            resharded = fmt.Manifest(tensor_parallel_size, save_id, manifest.model_key, files, entries)
+            fmt.write_manifest(out_dir, resharded)
+        except BaseException:
+            for rank in range(tensor_parallel_size):
+                final = os.path.join(out_dir, fmt.shard_file_path(rank, save_id))
+                for path in (final, final + ".tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+            raise
+        fmt.remove_stale(out_dir, resharded)
     return resharded
-

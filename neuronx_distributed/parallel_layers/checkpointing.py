@@ -27,10 +27,12 @@ it comes from the source TP rank of the same index, else TP rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
 import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -38,12 +40,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import folder_lock
 from ..errors import (
     CheckpointArgumentError,
+    CheckpointBusyError,
     CheckpointError,
     CheckpointKeyError,
     CheckpointSaveError,
     CheckpointShapeError,
+    NeuronxDistributedError,
+    ReplicatedMismatchError,
 )
 from . import checkpoint_format as fmt
 from . import parallel_state
@@ -77,19 +83,33 @@ def _placement() -> _Placement:
     return _Placement(1, 0, dist.get_rank() if dist.is_initialized() else 0, None)
 
 
-def _check_everywhere(placement: _Placement, error: BaseException | None, what: str, error_type=CheckpointError) -> None:
-    """Raise on every rank if any rank failed: its own error there, `error_type` naming it elsewhere."""
+def _agree(placement: _Placement, error: BaseException | None, what: str, value=None, error_type=CheckpointError) -> list:
+    """Every rank's `value`, once all ranks got here; raise on every rank if any failed.
+
+    A failing rank raises its own error, the others `error_type` naming it. Decisions
+    that shape later collectives are taken from the returned list, the same on every rank.
+    """
     if placement.distributed:
-        messages = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
-        failed = [(rank, message) for rank, message in enumerate(messages) if message]
+        reports = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, (None if error is None else f"{type(error).__name__}: {error}", value))
     else:
-        failed = []
+        reports = [(None, value)]
     if error is not None:
         raise error
+    failed = [(rank, message) for rank, (message, _) in enumerate(reports) if message]
     if failed:
         rank, message = failed[0]
         raise error_type(f"{what} failed on rank {rank} ({len(failed)} rank(s) failed): {message}")
+    return [reported for _, reported in reports]
+
+
+def _typed(error: Exception, path: str) -> Exception:
+    """`error` as a typed error: ours unchanged, anything else (an OSError, a reader's own error) as CheckpointError."""
+    if isinstance(error, NeuronxDistributedError):
+        return error
+    wrapped = CheckpointError(f"reading the checkpoint at {path!r} failed ({type(error).__name__}: {error}); check the path and its permissions.")
+    wrapped.__cause__ = error
+    return wrapped
 
 
 # ---------------------------------------------------------------- save
@@ -143,13 +163,6 @@ def _layouts(state, model_key: str | None) -> dict[int, tuple]:
             attributes = tensor_model_parallel_attributes(value)
             if attributes.get("tensor_model_parallel"):
                 layouts[id(value)] = (fmt.SHARDED, attributes["partition_dim"], attributes["partition_stride"])
-    if not layouts and _placement().tp_size > 1:
-        warnings.warn(
-            "no tensor of the model's state dict carries tensor-parallel attributes; it is saved as replicated, "
-            "so merging or resharding it will be wrong. Pass model.state_dict() itself (not a copy) of a model "
-            "built from the parallel layers.",
-            stacklevel=4,
-        )
     for optimizer_state in _optimizer_states(state):
         param_keys = _optimizer_param_keys(optimizer_state, model)
         matched, found = {}, True
@@ -185,21 +198,62 @@ def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return storable
 
 
+def _fingerprint(tensor: torch.Tensor) -> str:
+    """crc32 of a CPU contiguous tensor's bytes."""
+    return f"{zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy()):08x}"
+
+
+def _model_tensor_names(flat, state, model_key: str | None) -> set[str]:
+    """Names (in `flat`) of the tensors of the model's state dict inside `state`."""
+    model = _model_state(state, model_key)
+    if model is None:
+        return set()
+    ids = {id(value) for value in model.values() if isinstance(value, torch.Tensor)}
+    return {name for name, tensor in flat.tensors.items() if id(tensor) in ids}
+
+
 def _write_rank_shard(state, save_dir: str, model_key, placement: _Placement, save_id: str):
+    """Write this rank's shard file; return (its file entry, tensor entries, model_key, fingerprints).
+
+    The fingerprints (crc32) of the model tensors saved as replicated let TP rank 0
+    check that they really are the same on every TP rank (`_global_entries`).
+    """
     flat = flatten(state)
     layouts = _layouts(state, model_key)
-    entries = {}
+    tensors = _storable(flat.tensors)
+    model_names = _model_tensor_names(flat, state, model_key) if placement.tp_size > 1 else set()
+    entries, fingerprints = {}, {}
     for name, tensor in flat.tensors.items():
         layout, dim, stride = layouts.get(id(tensor), (fmt.REPLICATED, None, 1))
         entries[name] = fmt.TensorEntry(list(tensor.shape), fmt.dtype_name(tensor.dtype), layout, dim, stride)
-    file_entry = fmt.write_shard_file(save_dir, placement.tp_rank, save_id, _storable(flat.tensors), flat.structure)
+        if layout == fmt.REPLICATED and name in model_names:
+            fingerprints[name] = _fingerprint(tensors[name])
+    file_entry = fmt.write_shard_file(save_dir, placement.tp_rank, save_id, tensors, flat.structure)
     has_model_key = isinstance(state, dict) and model_key in state
-    return file_entry, entries, model_key if has_model_key else None
+    return file_entry, entries, model_key if has_model_key else None, fingerprints
 
 
-def _global_entries(entries_per_rank: list[dict]) -> dict[str, fmt.TensorEntry]:
-    """Merge the ranks' local entries into global ones: sharded shapes multiplied out, disagreements per-rank."""
+def _replicated_mismatch(name: str, per_rank: list, fingerprints: list[dict]) -> ReplicatedMismatchError:
+    differs = next(rank for rank, entry in enumerate(per_rank) if entry != per_rank[0] or
+                   fingerprints[rank].get(name) != fingerprints[0].get(name))
+    what = f"{per_rank[0].shape} on TP rank 0 and {per_rank[differs].shape}" if per_rank[differs] != per_rank[0] else \
+        "a different value on TP rank 0 than"
+    return ReplicatedMismatchError(
+        f"model tensor '{name}' carries no tensor-parallel attributes, so it would be saved as replicated, but it has "
+        f"{what} on TP rank {differs}: it is a shard whose attributes were lost, which happens when the state dict "
+        "is copied or cast ({k: v.clone() ...}, .to(dtype), .bfloat16()). Save model.state_dict() itself (cast the "
+        "model, not its state dict); merging or resharding this checkpoint would give wrong tensors."
+    )
+
+
+def _global_entries(entries_per_rank: list[dict], fingerprints: list[dict] | None = None) -> dict[str, fmt.TensorEntry]:
+    """Merge the ranks' local entries into global ones: sharded shapes multiplied out, disagreements per-rank.
+
+    A model tensor saved as replicated that differs across the ranks (shape, dtype or
+    fingerprint) raises ReplicatedMismatchError: it is a shard that lost its attributes.
+    """
     world = len(entries_per_rank)
+    fingerprints = fingerprints or [{} for _ in entries_per_rank]
     merged = {}
     for name in dict.fromkeys(name for entries in entries_per_rank for name in entries):
         per_rank = [entries.get(name) for entries in entries_per_rank]
@@ -214,10 +268,12 @@ def _global_entries(entries_per_rank: list[dict]) -> dict[str, fmt.TensorEntry]:
             shape = list(first.shape)
             shape[first.partition_dim] *= world
             merged[name] = fmt.TensorEntry(shape, first.dtype, fmt.SHARDED, first.partition_dim, first.partition_stride)
-        elif any(entry != first for entry in per_rank):
-            merged[name] = fmt.TensorEntry(list(first.shape), first.dtype, fmt.LOCAL)
-        else:
-            merged[name] = first
+            continue
+        fingerprinted = any(name in ranks for ranks in fingerprints)
+        differs = any(entry != first for entry in per_rank)
+        if fingerprinted and (differs or len({ranks.get(name) for ranks in fingerprints}) > 1):
+            raise _replicated_mismatch(name, per_rank, fingerprints)
+        merged[name] = fmt.TensorEntry(list(first.shape), first.dtype, fmt.LOCAL) if differs else first
     return merged
 
 
@@ -229,6 +285,32 @@ def _broadcast_object(placement: _Placement, value, src: int = 0):
     return holder[0]
 
 
+def _as_save_error(error: Exception, save_dir: str) -> Exception:
+    """`error` as a typed error: ours unchanged, an OSError (disk full, permissions) as CheckpointSaveError."""
+    if isinstance(error, NeuronxDistributedError):
+        return error
+    wrapped = CheckpointSaveError(
+        f"writing the checkpoint at {save_dir!r} failed ({type(error).__name__}: {error}); check the path, its "
+        "permissions and the free space. The previous checkpoint there (if any) is kept."
+    )
+    wrapped.__cause__ = error
+    return wrapped
+
+
+def _lock_folder(save_dir: str) -> int:
+    """Create `save_dir` if needed and lock it for this save; typed errors for a file in the way or a save in progress."""
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise CheckpointArgumentError(f"save_dir {save_dir!r} is a file; pass a folder (it is created if missing).")
+    os.makedirs(save_dir, exist_ok=True)
+    try:
+        return folder_lock.acquire(save_dir, fmt.SAVE_LOCK_NAME)
+    except folder_lock.FolderBusy as busy:
+        raise CheckpointBusyError(
+            f"{busy} is saving a checkpoint to {save_dir!r} right now; two saves to one folder cannot both win. "
+            "Wait for it to finish, or save to another folder."
+        ) from None
+
+
 def save(state_dict, save_dir: str, model_key: str | None = "model") -> None:
     """Save `state_dict` as a sharded checkpoint at `save_dir`, replacing any checkpoint there atomically.
 
@@ -237,10 +319,36 @@ def save(state_dict, save_dir: str, model_key: str | None = "model") -> None:
     returns once the checkpoint is complete. `model_key` names the entry holding
     `model.state_dict()` (the seed's 'model'); a state dict of tensors alone is
     the model itself. If any rank fails, every rank raises and the previous
-    checkpoint at `save_dir` (if any) stays the one that loads.
+    checkpoint at `save_dir` (if any) stays the one that loads; the files the
+    failed save wrote are removed.
+
+    Global rank 0 holds a lock on `save_dir` (`folder_lock`) from the first file
+    written to the last one removed: a second save to the same folder meanwhile,
+    from this job or another, raises CheckpointBusyError on every rank of its job.
+    Model tensors without tensor-parallel attributes are checked to be identical
+    on every TP rank (one crc32 each); a copied or cast state dict, whose shards
+    lost their attributes, raises ReplicatedMismatchError instead of saving shards
+    as if they were whole tensors.
     """
-    save_dir = os.fspath(save_dir)
     placement = _placement()
+    lock, error = None, None
+    try:
+        save_dir = os.fspath(save_dir)
+        if model_key is not None and not isinstance(model_key, str):
+            raise CheckpointArgumentError(f"model_key must be a string or None, got {type(model_key).__name__}.")
+        if not placement.distributed or dist.get_rank() == 0:
+            lock = _lock_folder(save_dir)
+    except Exception as caught:  # reported to every rank below
+        error = caught
+    try:
+        _agree(placement, error and _as_save_error(error, str(save_dir)), "starting the save")
+        _save_locked(state_dict, save_dir, model_key, placement)
+    finally:
+        if lock is not None:
+            folder_lock.release(save_dir, fmt.SAVE_LOCK_NAME, lock)
+
+
+def _save_locked(state_dict, save_dir: str, model_key: str | None, placement: _Placement) -> None:
     save_id = _broadcast_object(placement, uuid.uuid4().hex)
     writes = placement.dp_rank == 0
     error, report = None, None
@@ -248,7 +356,7 @@ def save(state_dict, save_dir: str, model_key: str | None = "model") -> None:
         try:
             report = _write_rank_shard(state_dict, save_dir, model_key, placement, save_id)
         except Exception as caught:  # reported to every rank below
-            error = caught
+            error = _as_save_error(caught, save_dir)
     committed, failure = None, None
     if writes:
         reports = [None] * placement.tp_size
@@ -260,26 +368,42 @@ def save(state_dict, save_dir: str, model_key: str | None = "model") -> None:
         if placement.tp_rank == 0:
             committed, failure = _commit(save_dir, save_id, reports, placement.tp_size)
     committed, failure = _broadcast_object(placement, (committed, failure))
+    if writes and (error is not None or failure is not None):
+        _remove_own_file(save_dir, placement.tp_rank, save_id)
     if error is not None:
         raise error
     if failure is not None:
-        raise CheckpointSaveError(f"saving {save_dir!r} failed, so its previous checkpoint (if any) is kept: {failure}")
+        raise failure
     if writes:
         _remove_previous_files(save_dir, committed, placement.tp_rank)
+    if placement.distributed:
+        dist.barrier()  # every writer is done deleting before rank 0 releases the folder
 
 
-def _commit(save_dir: str, save_id: str, reports: list, tp_size: int) -> tuple[fmt.Manifest | None, str | None]:
+def _remove_own_file(save_dir: str, tp_rank: int, save_id: str) -> None:
+    """Delete what this rank's part of a failed save wrote (its shard file, finished or not)."""
+    final = os.path.join(save_dir, fmt.shard_file_path(tp_rank, save_id))
+    for path in (final, final + ".tmp"):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def _commit(save_dir: str, save_id: str, reports: list, tp_size: int) -> tuple[fmt.Manifest | None, Exception | None]:
     """Write the manifest if every TP rank wrote its shard; return (the manifest, None) or (None, why the save failed)."""
     failures = [f"TP rank {rank}: {report[1]}" for rank, report in enumerate(reports) if report[0] != "ok"]
     if failures:
-        return None, "; ".join(failures)
+        return None, CheckpointSaveError(
+            f"saving {save_dir!r} failed, so its previous checkpoint (if any) is kept: {'; '.join(failures)}"
+        )
     try:
         files = [report[1][0] for report in reports]
-        tensors = _global_entries([report[1][1] for report in reports])
+        tensors = _global_entries([report[1][1] for report in reports], [report[1][3] for report in reports])
         manifest = fmt.Manifest(tp_size, save_id, reports[0][1][2], files, tensors)
         fmt.write_manifest(save_dir, manifest)
+    except NeuronxDistributedError as error:  # returned to every rank
+        return None, error
     except Exception as error:  # noqa: BLE001 - returned to every rank
-        return None, f"{type(error).__name__}: {error}"
+        return None, _as_save_error(error, save_dir)
     return manifest, None
 
 
@@ -291,7 +415,7 @@ def _remove_previous_files(save_dir: str, manifest: fmt.Manifest, tp_rank: int) 
         warnings.warn(
             f"the checkpoint at {save_dir!r} is saved, but files of the one it replaced could not be removed ({error}); "
             "they are not part of the checkpoint and can be deleted (`nxd checkpoint verify` lists them).",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -363,8 +487,11 @@ def _host_turns(placement: _Placement) -> tuple[int, int]:
     return [rank for rank, host in enumerate(hosts) if host == hosts[me]].index(me), max(Counter(hosts).values())
 
 
-def _in_turns(placement: _Placement, work, take_turns: bool) -> object:
-    """Run `work()` on every rank (each host's ranks one at a time if `take_turns`); raise everywhere if it failed anywhere."""
+def _in_turns(placement: _Placement, work, take_turns: bool, path: str) -> object:
+    """Run `work()` on every rank (each host's ranks one at a time if `take_turns`); raise everywhere if it failed anywhere.
+
+    `take_turns` must be the same on every rank: it decides which collectives follow.
+    """
     my_turn, turns = _host_turns(placement) if take_turns else (0, 1)
     result = None
     for turn in range(turns):
@@ -373,8 +500,8 @@ def _in_turns(placement: _Placement, work, take_turns: bool) -> object:
             try:
                 result = work()
             except Exception as caught:  # reported to every rank
-                error = caught
-        _check_everywhere(placement, error, "loading the checkpoint")
+                error = _typed(caught, path)
+        _agree(placement, error, "loading the checkpoint")
     return result
 
 
@@ -485,14 +612,16 @@ def load(load_dir: str, model: nn.Module | None = None, model_key: str | None = 
     torch.save file (state dict under `model_key` or bare), a safetensors file or a
     Hugging Face model folder into `model`, each rank reading only its slices, and
     returns None. `strict=False` skips missing and unexpected keys; `verify=False`
-    skips the checksums. Nothing in the model changes unless every rank can load.
+    skips the checksums. Nothing in the model changes unless every rank can load:
+    every rank checks the manifest against the shard files it will read (rank,
+    save, names, dtypes, shapes; checksums unless verify=False) and the ranks
+    agree on the outcome before any of them reads into the model.
     """
-    load_dir = os.fspath(load_dir)
     placement = _placement()
-    if model is not None and not isinstance(model, nn.Module):
-        raise CheckpointArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     read_phase, returns_tensors, error = None, False, None
     try:
+        load_dir = os.fspath(load_dir)
+        _check_load_arguments(model, model_key, sharded, strict, verify)
         if sharded:
             read_phase, returns_tensors = _load_sharded(load_dir, model, model_key, strict, verify, placement)
         elif model is None:
@@ -503,6 +632,16 @@ def load(load_dir: str, model: nn.Module | None = None, model_key: str | None = 
         else:
             read_phase, returns_tensors = _load_unsharded(load_dir, model, model_key, strict, placement)
     except Exception as caught:  # every rank learns about it before any model changes
-        error = caught
-    _check_everywhere(placement, error, "checking the checkpoint")
-    return _in_turns(placement, read_phase, take_turns=returns_tensors)
+        error = _typed(caught, str(load_dir))
+    take_turns = any(_agree(placement, error, "checking the checkpoint", returns_tensors))
+    return _in_turns(placement, read_phase, take_turns, load_dir)
+
+
+def _check_load_arguments(model, model_key, sharded, strict, verify) -> None:
+    if model is not None and not isinstance(model, nn.Module):
+        raise CheckpointArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if model_key is not None and not isinstance(model_key, str):
+        raise CheckpointArgumentError(f"model_key must be a string or None, got {type(model_key).__name__}.")
+    for name, value in (("sharded", sharded), ("strict", strict), ("verify", verify)):
+        if not isinstance(value, bool):
+            raise CheckpointArgumentError(f"{name} must be True or False, got {value!r:.40}.")

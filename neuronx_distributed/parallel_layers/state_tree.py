@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import UnsafeCheckpointError
+from ..errors import CheckpointCorruptError, UnsafeCheckpointError
 
 TAG = "__nxd__"
 _SCALARS = (bool, int, str, type(None))
@@ -85,8 +85,25 @@ class TensorRef:
         return f"TensorRef({self.name!r})"
 
 
+def _malformed(structure) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"malformed entry {str(structure)[:200]} in a checkpoint structure; the shard file is damaged: restore the "
+        "checkpoint folder from a copy."
+    )
+
+
+def _items(structure: dict, pairs: bool = False) -> list:
+    items = structure.get("items")
+    if not isinstance(items, list) or (pairs and not all(isinstance(item, list) and len(item) == 2 for item in items)):
+        raise _malformed(structure)
+    return items
+
+
 def decode(structure, resolve: Callable[[str], object]):
-    """Rebuild the tree from `structure`, replacing each tensor reference by `resolve(name)`."""
+    """Rebuild the tree from `structure`, replacing each tensor reference by `resolve(name)`.
+
+    A malformed tagged entry raises CheckpointCorruptError; an unknown tag, UnsafeCheckpointError.
+    """
     if isinstance(structure, list):
         return [decode(item, resolve) for item in structure]
     if not isinstance(structure, dict):
@@ -95,14 +112,32 @@ def decode(structure, resolve: Callable[[str], object]):
     if tag is None:
         return {key: decode(item, resolve) for key, item in structure.items()}
     if tag == "tensor":
-        return resolve(structure["name"])
+        return resolve(_tensor_name(structure))
     if tag == "float":
-        return float(structure["value"])
+        value = structure.get("value")
+        if value not in ("inf", "-inf", "nan"):
+            raise _malformed(structure)
+        return float(value)
     if tag == "tuple":
-        return tuple(decode(item, resolve) for item in structure["items"])
+        return tuple(decode(item, resolve) for item in _items(structure))
     if tag == "dict":
-        return {decode(key, resolve): decode(item, resolve) for key, item in structure["items"]}
-    raise UnsafeCheckpointError(f"unknown entry {TAG}={tag!r} in a checkpoint structure; was it written by a newer version?")
+        decoded = {}
+        for key, item in _items(structure, pairs=True):
+            key = decode(key, resolve)
+            try:
+                hash(key)
+            except TypeError:  # a list or dict where a key should be
+                raise _malformed(structure) from None
+            decoded[key] = decode(item, resolve)
+        return decoded
+    raise UnsafeCheckpointError(f"unknown entry {TAG}={str(tag)[:80]!r} in a checkpoint structure; was it written by a newer version?")
+
+
+def _tensor_name(structure: dict) -> str:
+    name = structure.get("name")
+    if not isinstance(name, str):
+        raise _malformed(structure)
+    return name
 
 
 def tensor_names(structure) -> Iterator[str]:
@@ -112,7 +147,7 @@ def tensor_names(structure) -> Iterator[str]:
             yield from tensor_names(item)
     elif isinstance(structure, dict):
         if structure.get(TAG) == "tensor":
-            yield structure["name"]
+            yield _tensor_name(structure)
         else:
             for item in structure.values():
                 yield from tensor_names(item)

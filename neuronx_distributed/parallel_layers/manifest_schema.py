@@ -1,0 +1,142 @@
+"""The schema of a sharded checkpoint's `manifest.json`, checked in one place: `check_manifest`.
+
+Every field's type and range is checked before anything reads a shard file, so a
+damaged or hand-edited manifest fails with `CheckpointCorruptError` naming the
+field, never with a raw `KeyError` / `TypeError` deep inside a load. Shard file
+paths are not free text: file r of a save is `tp_rank_<r>/checkpoint-<save_id>.safetensors`
+(relative, inside the checkpoint folder, no `..`), the only name `save` writes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import CheckpointCorruptError
+
+FORMAT_NAME = "neuronx_distributed.checkpoint"
+FORMAT_VERSION = 1
+CHECKSUM = "crc32"
+
+# Layouts of a tensor across the TP ranks of a checkpoint.
+SHARDED = "sharded"  # each rank holds a slice along partition_dim (with partition_stride)
+REPLICATED = "replicated"  # every rank holds the same tensor
+LOCAL = "local"  # each rank holds its own value; loadable only at the same TP degree
+LAYOUTS = (SHARDED, REPLICATED, LOCAL)
+
+# torch dtype name (as the manifest records it) -> safetensors header dtype and bytes per element.
+SAFETENSORS_DTYPES = {
+    "float64": ("F64", 8), "float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2),
+    "int64": ("I64", 8), "int32": ("I32", 4), "int16": ("I16", 2), "int8": ("I8", 1),
+    "uint64": ("U64", 8), "uint32": ("U32", 4), "uint16": ("U16", 2), "uint8": ("U8", 1), "bool": ("BOOL", 1),
+    "float8_e4m3fn": ("F8_E4M3", 1), "float8_e5m2": ("F8_E5M2", 1), "complex64": ("C64", 8),
+}
+
+_SAVE_ID = re.compile(r"^[0-9a-f]{1,64}$")
+_CRC32 = re.compile(r"^[0-9a-f]{8}$")
+_TOP_LEVEL = {"tensor_parallel_size", "save_id", "model_key", "files", "tensors", "format", "version", "checksum", "extra"}
+_FILE_FIELDS = {"path", "bytes", "crc32"}
+_TENSOR_FIELDS = {"shape", "dtype", "layout", "partition_dim", "partition_stride"}
+_MAX_RANK = 64  # dimensions of a tensor
+
+
+def rank_folder(tp_rank: int) -> str:
+    """The folder of TP rank `tp_rank`: tp_rank_00, tp_rank_01, ..."""
+    return f"tp_rank_{tp_rank:02d}"
+
+
+def shard_file_path(tp_rank: int, save_id: str) -> str:
+    """Path of a rank's shard file relative to the checkpoint folder."""
+    return f"{rank_folder(tp_rank)}/checkpoint-{save_id}.safetensors"
+
+
+def _fail(where: str, problem: str):
+    raise CheckpointCorruptError(
+        f"manifest field {where} {problem}; the manifest is damaged or was edited by hand: restore the checkpoint "
+        "folder from a copy, or load an earlier checkpoint."
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_field(value, where: str, low: int, high: int | None = None) -> int:
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        _fail(where, f"is {value!r:.80}, not an integer {bound}")
+    return value
+
+
+def _fields(value, where: str, required: set[str], optional: set[str] = frozenset()) -> dict:
+    if not isinstance(value, dict):
+        _fail(where, f"is a {type(value).__name__}, not an object")
+    missing, unknown = required - set(value), set(value) - required - optional
+    if missing:
+        _fail(where, f"lacks {sorted(missing)}")
+    if unknown:
+        _fail(where, f"has unknown fields {sorted(unknown)[:10]} (written by a newer version?)")
+    return value
+
+
+def _check_file(entry, rank: int, save_id: str) -> None:
+    where = f"files[{rank}]"
+    _fields(entry, where, _FILE_FIELDS)
+    if entry["path"] != shard_file_path(rank, save_id):
+        _fail(f"{where}.path", f"is {entry['path']!r:.200}, not {shard_file_path(rank, save_id)!r} (the only name a save "
+              "writes for that rank: relative, inside the checkpoint folder)")
+    _int_field(entry["bytes"], f"{where}.bytes", 8)
+    if not isinstance(entry["crc32"], str) or not _CRC32.match(entry["crc32"]):
+        _fail(f"{where}.crc32", f"is {entry['crc32']!r:.80}, not 8 lowercase hex digits")
+
+
+def _check_tensor(name: str, entry, tp_size: int) -> None:
+    where = f"tensors[{name!r:.200}]"
+    _fields(entry, where, _TENSOR_FIELDS)
+    shape = entry["shape"]
+    if not isinstance(shape, list) or len(shape) > _MAX_RANK or not all(_is_int(size) and size >= 0 for size in shape):
+        _fail(f"{where}.shape", f"is {shape!r:.80}, not a list of at most {_MAX_RANK} sizes >= 0")
+    if not isinstance(entry["dtype"], str) or entry["dtype"] not in SAFETENSORS_DTYPES:
+        _fail(f"{where}.dtype", f"is {entry['dtype']!r:.80}, not one of {sorted(SAFETENSORS_DTYPES)}")
+    if entry["layout"] not in LAYOUTS:
+        _fail(f"{where}.layout", f"is {entry['layout']!r:.80}, not one of {list(LAYOUTS)}")
+    stride = _int_field(entry["partition_stride"], f"{where}.partition_stride", 1)
+    if entry["layout"] != SHARDED:
+        if entry["partition_dim"] is not None or stride != 1:
+            _fail(where, f"is {entry['layout']} but has a partition_dim or stride (only sharded tensors do)")
+        return
+    dim = _int_field(entry["partition_dim"], f"{where}.partition_dim", 0, len(shape) - 1)
+    if shape[dim] % (stride * tp_size):
+        _fail(f"{where}.shape", f"has size {shape[dim]} along partition_dim {dim}, which a TP={tp_size} save with "
+              f"stride {stride} cannot have written")
+
+
+def check_manifest(raw) -> None:
+    """Raise CheckpointCorruptError (naming the field) unless `raw`, the parsed JSON, is a valid manifest."""
+    _fields(raw, "(the whole manifest)", _TOP_LEVEL)
+    if raw["format"] != FORMAT_NAME:
+        _fail("format", f"is {raw['format']!r:.80}, not {FORMAT_NAME!r}: not a checkpoint of parallel_layers.save")
+    if not _is_int(raw["version"]) or raw["version"] > FORMAT_VERSION:
+        raise CheckpointCorruptError(
+            f"the manifest is version {raw['version']!r:.40}; this library reads {FORMAT_NAME!r} up to version "
+            f"{FORMAT_VERSION} (upgrade neuronx_distributed)."
+        )
+    _int_field(raw["version"], "version", 1)
+    if raw["checksum"] != CHECKSUM:
+        _fail("checksum", f"is {raw['checksum']!r:.80}, not {CHECKSUM!r}")
+    tp_size = _int_field(raw["tensor_parallel_size"], "tensor_parallel_size", 1)
+    if not isinstance(raw["save_id"], str) or not _SAVE_ID.match(raw["save_id"]):
+        _fail("save_id", f"is {raw['save_id']!r:.80}, not 1 to 64 lowercase hex digits")
+    if raw["model_key"] is not None and not isinstance(raw["model_key"], str):
+        _fail("model_key", f"is a {type(raw['model_key']).__name__}, not a string or null")
+    if not isinstance(raw["extra"], dict):
+        _fail("extra", f"is a {type(raw['extra']).__name__}, not an object")
+    files = raw["files"]
+    if not isinstance(files, list) or len(files) != tp_size:
+        count = len(files) if isinstance(files, list) else type(files).__name__
+        _fail("files", f"has {count} entries, not one per TP rank ({tp_size})")
+    for rank, entry in enumerate(files):
+        _check_file(entry, rank, raw["save_id"])
+    if not isinstance(raw["tensors"], dict):
+        _fail("tensors", f"is a {type(raw['tensors']).__name__}, not an object")
+    for name, entry in raw["tensors"].items():
+        _check_tensor(name, entry, tp_size)
