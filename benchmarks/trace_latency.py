@@ -68,7 +68,7 @@ def _eager_worker(rank: int, store_path: str, build, inputs: tuple, calls: int, 
     barrier = partial(dist.barrier)
     eager = call_times_ms(lambda: model(*inputs), calls, barrier)
     with torch.no_grad():
-        program = program_runner(torch.export.export(model, inputs, strict=False))
+        program, _ = program_runner(torch.export.export(model, inputs, strict=False))
     exported = call_times_ms(lambda: program(*inputs), calls, barrier)
     if rank == 0:
         results.put((eager, exported))

@@ -6,8 +6,11 @@
       tp_rank_00/model-<save_id>.pt2   rank 0's program (torch.export.save: JSON graph, raw weights)
       tp_rank_01/model-<save_id>.pt2   ...
 
-Loading never unpickles: `read_manifest` checks every shard's sha256 against the
-manifest and refuses archives with pickled members (torch.export.load would unpickle them).
+Loading never runs what a file holds: the manifest is checked against
+`manifest_schema`, every rank's file must be a regular file inside its rank
+folder of exactly the recorded size and sha256, and its archive must pass
+`program_archive.check_program_archive` (no pickles, no code), both by the caller
+before any worker starts and by each worker on the bytes it then hands to torch.
 A save writes its files under a fresh save_id beside the previous save's, fsyncs
 them, and then renames its manifest over the previous one: `save_dir` loads the
 previous model until that rename and the complete new one after it, even after a
@@ -21,7 +24,7 @@ import json
 import os
 import re
 import secrets
-import zipfile
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +32,13 @@ import torch
 
 from ..durable import replace_with_text
 from ..errors import TracedModelCorruptError, TracedModelNotFoundError, TracedModelSaveError
+from ..parallel_layers.checkpoint_format import MANIFEST_NAME as CHECKPOINT_MANIFEST_NAME
+from .manifest_schema import FORMAT, FORMAT_VERSION, check_manifest
+from .program_archive import check_program_archive
 from .signature import InputSignature, OutputLayout
 
 MANIFEST_NAME = "traced_model.json"
-FORMAT = "neuronx_distributed.traced_model"
-FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 _RANK_FOLDER = re.compile(r"^tp_rank_(\d+)$")
@@ -70,6 +75,7 @@ class Manifest:
     inputs: InputSignature
     outputs: OutputLayout
     ranks: tuple[RankRecord, ...]
+    io_aliases: dict[str, int]  # program state name -> output copied into it after each call
 
     def to_json(self) -> dict:
         return {
@@ -79,6 +85,7 @@ class Manifest:
             "tp_degree": self.tp_degree,
             "inputs": self.inputs.to_json(),
             "outputs": self.outputs.to_json(),
+            "io_aliases": self.io_aliases,
             "ranks": [
                 {
                     "file": record.file,
@@ -87,84 +94,132 @@ class Manifest:
                     "collectives": record.collectives,
                     "groups": record.groups,
                 }
-                for rank, record in enumerate(self.ranks)
+                for record in self.ranks
             ],
         }
 
     @classmethod
     def from_json(cls, data: dict) -> Manifest:
+        """The manifest in `data`, which `manifest_schema.check_manifest` accepted."""
         return cls(
-            tp_degree=int(data["tp_degree"]),
+            tp_degree=data["tp_degree"],
             inputs=InputSignature.from_json(data["inputs"]),
             outputs=OutputLayout.from_json(data["outputs"]),
             ranks=tuple(
-                RankRecord(_program_file(rank["file"], index), rank["sha256"], int(rank["size"]), rank["collectives"], rank["groups"])
-                for index, rank in enumerate(data["ranks"])
+                RankRecord(rank["file"], rank["sha256"], rank["size"], rank["collectives"], rank["groups"])
+                for rank in data["ranks"]
             ),
+            io_aliases=data.get("io_aliases", {}),
         )
 
 
-def _program_file(file: str, rank: int) -> str:
-    """`file` if it names a program file in rank `rank`'s folder (nothing outside the save folder)."""
-    folder, _, name = file.partition("/")
-    if folder != f"tp_rank_{rank:02d}" or not _PROGRAM_FILE.match(name):
-        raise ValueError(f"rank {rank}'s file {file!r} is not tp_rank_{rank:02d}/model-<save_id>.pt2")
-    return file
+def parse_manifest(text: bytes, where: str) -> Manifest:
+    """The manifest in `text` (the bytes of a traced_model.json); TracedModelCorruptError says what is wrong."""
+    try:
+        data = json.loads(text)
+        check_manifest(data)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, ManifestSchemaError
+        raise TracedModelCorruptError(
+            f"the manifest {where} is not a traced model of this version ({error}). It was edited, damaged or "
+            "written by another version of parallel_model_save: trace and save the model again."
+        ) from error
+    return Manifest.from_json(data)
 
 
 def read_manifest(load_dir: str | os.PathLike) -> Manifest:
-    """The manifest at `load_dir`, after checking that every rank's file is there and unchanged."""
-    path = Path(load_dir) / MANIFEST_NAME
-    if not path.is_file():
+    """The manifest at `load_dir`, after checking every rank's file: there, unchanged, and safe to load."""
+    load_dir = Path(load_dir)
+    path = load_dir / MANIFEST_NAME
+    if not os.path.lexists(path):
+        if (load_dir / CHECKPOINT_MANIFEST_NAME).is_file():
+            raise TracedModelNotFoundError(
+                f"{str(load_dir)!r} is a parallel_layers checkpoint (it has {CHECKPOINT_MANIFEST_NAME}), not a traced "
+                "model; load it into a model with neuronx_distributed.parallel_layers.load, or pass the folder that "
+                "parallel_model_save wrote."
+            )
         raise TracedModelNotFoundError(
             f"no traced model at {str(load_dir)!r} (no {MANIFEST_NAME}); pass the folder that "
             "parallel_model_save wrote."
         )
-    try:
-        data = json.loads(path.read_text())
-        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format {data.get('format')!r} version {data.get('format_version')!r}")
-        manifest = Manifest.from_json(data)
-        if len(manifest.ranks) != manifest.tp_degree:
-            raise ValueError(f"{len(manifest.ranks)} rank entries for tp_degree {manifest.tp_degree}")
-    except (ValueError, KeyError, TypeError) as error:
-        raise TracedModelCorruptError(
-            f"cannot read the manifest {str(path)!r} ({error}); it was not written by this version's "
-            "parallel_model_save, or it was edited. Trace and save the model again."
-        ) from error
+    with open_regular_file(path, None, MAX_MANIFEST_BYTES) as file:
+        manifest = parse_manifest(file.read(MAX_MANIFEST_BYTES + 1), repr(str(path)))
     for record in manifest.ranks:
-        _verify(Path(load_dir) / record.file, record)
+        verify_rank_file(load_dir, record)
     return manifest
 
 
-def _verify(path: Path, record: RankRecord) -> None:
-    if not path.is_file():
-        raise TracedModelNotFoundError(f"the traced model's shard file {str(path)!r} is missing; save the model again.")
-    if path.stat().st_size != record.size or file_sha256(path) != record.sha256:
-        raise TracedModelCorruptError(
-            f"{str(path)!r} differs from the manifest (size or sha256); the file was changed or truncated. "
-            "Save the model again."
-        )
-    pickled = _pickled_members(path)
-    if pickled:
-        raise TracedModelCorruptError(
-            f"{str(path)!r} holds pickled data ({', '.join(pickled[:3])}), which parallel_model_load never "
-            "unpickles; parallel_model_save writes graphs as JSON and tensors as raw bytes. Save the model again."
-        )
+def open_regular_file(path: Path, size: int | None, max_size: int | None = None):
+    """`path` opened for reading, if it is a regular file (not a symlink, FIFO or device) of `size` bytes.
 
-
-def _pickled_members(path: Path) -> list[str]:
-    """Members of a torch.export archive that torch.export.load would unpickle: .pt files, use_pickle payloads."""
+    The checks run on the open descriptor, so no read can block or run past the
+    size: a FIFO, a device file or a symlink is refused before anything is read.
+    """
     try:
-        with zipfile.ZipFile(path) as archive:
-            found = [info.filename for info in archive.infolist() if info.filename.endswith(".pt") and info.file_size]
-            for name in archive.namelist():
-                if name.endswith(("_weights_config.json", "_constants_config.json")):
-                    config = json.loads(archive.read(name)).get("config", {})
-                    found += [f"{name}:{key}" for key, entry in config.items() if entry.get("use_pickle")]
-    except (zipfile.BadZipFile, ValueError) as error:
-        raise TracedModelCorruptError(f"{str(path)!r} is not a torch.export archive ({error}); save the model again.") from error
-    return found
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as error:
+        raise TracedModelNotFoundError(f"the traced model's file {str(path)!r} is missing; save the model again.") from error
+    except OSError as error:  # ELOOP: a symlink; others: a file that cannot be opened
+        raise TracedModelCorruptError(
+            f"{str(path)!r} cannot be opened as a plain file ({error.strerror}); a traced model's files are regular "
+            "files inside its folder, never symlinks. Save the model again."
+        ) from error
+    file = os.fdopen(fd, "rb")
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file (a FIFO, device or folder)"
+    elif size is not None and info.st_size != size:
+        problem = f"is {info.st_size} bytes, the manifest records {size}"
+    elif max_size is not None and info.st_size > max_size:
+        problem = f"is {info.st_size} bytes, more than a manifest can be ({max_size})"
+    if problem:
+        file.close()
+        raise TracedModelCorruptError(f"{str(path)!r} {problem}; the traced model was changed or damaged. Save it again.")
+    return file
+
+
+def _rank_file_path(load_dir: Path, record: RankRecord) -> Path:
+    folder = load_dir / record.file.split("/", 1)[0]
+    if folder.is_symlink() or not folder.is_dir():
+        raise TracedModelCorruptError(
+            f"{str(folder)!r} is not a folder of the save (a symlink, or missing); a traced model's rank folders "
+            "are plain folders inside it. Save the model again."
+        )
+    return load_dir / record.file
+
+
+def verify_rank_file(load_dir: Path, record: RankRecord) -> None:
+    """Check a rank's file against its record (size, sha256) and its archive's content, reading no further than its size."""
+    path = _rank_file_path(load_dir, record)
+    digest = hashlib.sha256()
+    with open_regular_file(path, record.size) as file:
+        remaining = record.size
+        while remaining:
+            block = file.read(min(remaining, 1 << 20))
+            if not block:
+                break
+            digest.update(block)
+            remaining -= len(block)
+        _check_digest(path, digest.hexdigest(), record)
+        file.seek(0)
+        check_program_archive(file, repr(str(path)))
+
+
+def read_rank_file(load_dir: Path, record: RankRecord) -> bytes:
+    """A rank's file, read once into memory and checked (size, sha256, archive content): what torch may load."""
+    path = _rank_file_path(load_dir, record)
+    with open_regular_file(path, record.size) as file:
+        data = file.read(record.size)
+    _check_digest(path, hashlib.sha256(data).hexdigest(), record)
+    check_program_archive(data, repr(str(path)))
+    return data
+
+
+def _check_digest(path: Path, sha256: str, record: RankRecord) -> None:
+    if sha256 != record.sha256:
+        raise TracedModelCorruptError(
+            f"{str(path)!r} differs from the manifest (sha256); the file was changed or truncated. Save the model again."
+        )
 
 
 class StagedSave:

@@ -12,9 +12,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import comm
-from ..errors import TraceError
+from ..errors import TraceError, TracedModelCorruptError, TraceFunctionError
 from ..parallel_layers import parallel_state
 from .signature import OutputLayout, TensorSpec, flatten_outputs
+
+
+_WRAPPED = "model"  # the attribute of _FlatOutputs that holds the model
 
 
 class _FlatOutputs(nn.Module):
@@ -35,7 +38,7 @@ def export_shard(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.exp
     """Export `model` (in eval mode) for these example inputs; return the program and its output layout."""
     _set_up_collective_engines()
     structures: list = []
-    wrapper = _FlatOutputs(model.eval(), structures)
+    wrapper = _FlatOutputs(model.eval(), structures)  # its state names start with _WRAPPED
     with torch.no_grad():
         program = torch.export.export(wrapper, args, kwargs, strict=False)
     output_specs = tuple(
@@ -44,6 +47,51 @@ def export_shard(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.exp
     )
     program.example_inputs = None  # not needed to run or reload, and would be stored as a pickle
     return program, OutputLayout(output_specs, structures[-1])
+
+
+def alias_names(model: nn.Module, io_aliases, outputs: OutputLayout) -> dict[str, int]:
+    """`io_aliases` ({parameter or buffer of `model`: output index}) by the names the exported program gives them."""
+    if not io_aliases:
+        return {}
+    if not isinstance(io_aliases, dict):
+        raise TraceFunctionError(
+            f"func returned (model, io_aliases) with a {type(io_aliases).__name__}; io_aliases maps the model's "
+            "parameters or buffers to output indices ({tensor: int}), or is None."
+        )
+    states = {id(tensor): f"{_WRAPPED}.{name}" for name, tensor in
+              [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+    names = {}
+    for tensor, index in io_aliases.items():
+        name = states.get(id(tensor))
+        if name is None:
+            raise TraceFunctionError(
+                "an io_aliases key is not a parameter or buffer of the model func returned; alias the model's own "
+                "state tensors (e.g. a registered buffer holding a cache)."
+            )
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(outputs.specs):
+            raise TraceFunctionError(
+                f"io_aliases maps {name.removeprefix(_WRAPPED + '.')!r} to output {index!r}; the model returns "
+                f"{len(outputs.specs)} tensor(s), so give an index from 0 to {len(outputs.specs) - 1}."
+            )
+        if outputs.specs[index] != TensorSpec.of(tensor):
+            raise TraceFunctionError(
+                f"io_aliases maps {name.removeprefix(_WRAPPED + '.')!r} {tuple(tensor.shape)} {tensor.dtype} to "
+                f"output {index}, which is {outputs.specs[index].shape} {outputs.specs[index].dtype}; they must match."
+            )
+        names[name] = index
+    return names
+
+
+def check_aliases(program: torch.export.ExportedProgram, io_aliases: dict[str, int], outputs: OutputLayout,
+                  where: str) -> None:
+    """Raise TracedModelCorruptError unless every alias names a state tensor of the program and a matching output."""
+    for name, index in io_aliases.items():
+        state = program.state_dict.get(name)
+        if state is None or index >= len(outputs.specs) or TensorSpec.of(state) != outputs.specs[index]:
+            raise TracedModelCorruptError(
+                f"{where}: the manifest's io_aliases entry {name!r} -> output {index} does not match the program's "
+                "state tensors and outputs; the files and the manifest do not belong together. Save the model again."
+            )
 
 
 def _set_up_collective_engines() -> None:

@@ -22,18 +22,20 @@ class TensorParallelModel:
     stay alive until `close()`, the end of a `with` block, or garbage collection.
     """
 
-    def __init__(self, workers: WorkerGroup, inputs: InputSignature, outputs: OutputLayout, ranks: list[RankRecord]):
+    def __init__(self, workers: WorkerGroup, inputs: InputSignature, outputs: OutputLayout, ranks: list[RankRecord],
+                 io_aliases: dict[str, int]):
         self._workers = workers
         self.inputs = inputs
         self.outputs = outputs
         self._ranks = tuple(ranks)
+        self._io_aliases = dict(io_aliases)
         self._arena = SharedArena.create(inputs.specs + list(outputs.specs))
-        self._finalizer = weakref.finalize(self, _shut_down, workers, self._arena)
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _shut_down, workers, self._arena, self._lock)
         workers.share_arena(self._arena, inputs)
         count = len(inputs.specs)
         self._input_tensors = self._arena.tensors[:count]
         self._output_tensors = self._arena.tensors[count:]
-        self._lock = threading.Lock()
 
     @property
     def tp_degree(self) -> int:
@@ -47,11 +49,13 @@ class TensorParallelModel:
     @property
     def manifest(self) -> Manifest:
         """What `parallel_model_save` records about this model besides the programs."""
-        return Manifest(self.tp_degree, self.inputs, self.outputs, self._ranks)
+        return Manifest(self.tp_degree, self.inputs, self.outputs, self._ranks, self._io_aliases)
 
     def __call__(self, *args, **kwargs):
         tensors = self.inputs.flatten(args, kwargs)
         with self._lock:
+            # After close() the arena is unmapped: touching its tensors would crash the process.
+            self._workers.check_open()
             for destination, tensor in zip(self._input_tensors, tensors):
                 copy_bytes(destination, tensor.detach().cpu().contiguous())
             self._workers.step()
@@ -64,7 +68,10 @@ class TensorParallelModel:
             return self._workers.command(*command)
 
     def close(self) -> None:
-        """Stop the workers and free the shared memory. Calling it again does nothing."""
+        """Stop the workers and free the shared memory (after a call in progress). Calling it again does nothing.
+
+        Calls after this raise TracedModelClosedError.
+        """
         self._finalizer()
 
     def __enter__(self) -> TensorParallelModel:
@@ -78,6 +85,7 @@ class TensorParallelModel:
         return f"TensorParallelModel(tp_degree={self.tp_degree}, {state})"
 
 
-def _shut_down(workers: WorkerGroup, arena: SharedArena) -> None:
-    workers.close()
-    arena.close()
+def _shut_down(workers: WorkerGroup, arena: SharedArena, lock: threading.Lock) -> None:
+    with lock:  # a call in another thread finishes with the arena first
+        workers.close()
+        arena.close()

@@ -16,8 +16,9 @@ import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
 
-def program_runner(program: torch.export.ExportedProgram) -> Callable[..., tuple]:
-    """A function of the user inputs (positional, then keyword in traced order) returning the output tensors."""
+def program_runner(program: torch.export.ExportedProgram) -> tuple[Callable[..., tuple], dict[str, torch.Tensor]]:
+    """A function of the user inputs (positional, then keyword in traced order) returning the output tensors,
+    and the parameters and buffers it reads, by name (writing into them changes what later calls see)."""
     signature = program.graph_signature
     direct = all(spec.kind == OutputKind.USER_OUTPUT for spec in signature.output_specs) and all(
         spec.kind in (InputKind.USER_INPUT, InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
@@ -25,7 +26,7 @@ def program_runner(program: torch.export.ExportedProgram) -> Callable[..., tuple
     )
     if not direct:
         module = program.module()
-        return lambda *args, **kwargs: tuple(module(*args, **kwargs))
+        return (lambda *args, **kwargs: tuple(module(*args, **kwargs))), module.state_dict(keep_vars=True)
     states = {**program.state_dict, **program.constants}
     graph = program.graph_module
     # Each lifted input in graph order: a state tensor, or None where the next user input goes.
@@ -35,4 +36,4 @@ def program_runner(program: torch.export.ExportedProgram) -> Callable[..., tuple
         user_inputs = iter((*args, *kwargs.values()))
         return graph(*(next(user_inputs) if state is None else state for state in lifted))
 
-    return run
+    return run, states

@@ -25,8 +25,15 @@ def send_reply(conn: Connection, reply) -> None:
     conn.send_bytes(REPLY + pickle.dumps(reply))
 
 
-def send_failure(conn: Connection, traceback_text: str) -> None:
-    conn.send_bytes(FAILED + traceback_text.encode())
+def send_failure(conn: Connection, error_name: str, traceback_text: str) -> None:
+    """Report a failure: the name of the error's class (for the caller to raise the same kind), then the traceback."""
+    conn.send_bytes(FAILED + f"{error_name}\n{traceback_text}".encode())
+
+
+def failure(message: bytes) -> tuple[str, str]:
+    """The error class name and the traceback of a FAILED message."""
+    name, _, text = message[1:].decode(errors="replace").partition("\n")
+    return name, text
 
 
 def payload(message: bytes):

@@ -38,13 +38,13 @@ def worker_main(rank: int, tp_degree: int, store_port: int, conn: Connection, th
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_degree)
         job = protocol.payload(conn.recv_bytes())
         shard = job.run()
-        protocol.send_reply(conn, (shard.outputs, shard.collectives, shard.groups))
+        protocol.send_reply(conn, (shard.outputs, shard.collectives, shard.groups, shard.io_aliases))
         _serve(rank, conn, shard)
     except EOFError:
         pass  # the caller is gone: nothing to report to
-    except BaseException:  # noqa: BLE001 - reported to the caller, which stops every worker
+    except BaseException as error:  # noqa: BLE001 - reported to the caller, which stops every worker
         try:
-            protocol.send_failure(conn, traceback.format_exc())
+            protocol.send_failure(conn, type(error).__name__, traceback.format_exc())
         except OSError:
             pass
     finally:
@@ -60,7 +60,8 @@ def _serve(rank: int, conn: Connection, shard: Shard) -> None:
     args = arena.tensors[:count]
     kwargs = dict(zip(signature.keyword_names, arena.tensors[count : len(signature.specs)]))
     outputs = arena.tensors[len(signature.specs) :] if rank == 0 else []
-    run = program_runner(shard.program)
+    run, states = program_runner(shard.program)
+    aliased = [(states[name], index) for name, index in shard.io_aliases.items()]
     protocol.send_reply(conn, os.getpid())
     while True:
         message = conn.recv_bytes()
@@ -69,6 +70,8 @@ def _serve(rank: int, conn: Connection, shard: Shard) -> None:
                 results = run(*args, **kwargs)
                 for destination, result in zip(outputs, results):
                     destination.copy_(result)
+                for state, index in aliased:  # io_aliases: the next call reads this output
+                    state.copy_(results[index])
             conn.send_bytes(protocol.DONE)
             continue
         command, *arguments = protocol.payload(message)

@@ -2,7 +2,11 @@
 
 Every wait watches the workers' pipes and their process sentinels together, so a
 worker that dies turns into `WorkerCrashedError` at once and one that raises into
-`TraceWorkerError`; either way every worker is stopped before the error is raised.
+`TraceWorkerError` (or the library error it raised, e.g. `TracedModelCorruptError`).
+A wait also looks, every `_POLL_S`, whether a worker it waits for is stopped
+(SIGSTOP, a job-control stop; read from /proc, so on Linux only) and, for a call,
+whether the call timeout has passed: either ends in `WorkerTimeoutError` within
+about a second. Every worker is stopped before any of these errors is raised.
 """
 
 from __future__ import annotations
@@ -11,18 +15,29 @@ import multiprocessing as mp
 import os
 import selectors
 import signal
+import time
 from multiprocessing import reduction
 
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..errors import MissingMainGuardError, TracedModelClosedError, TraceWorkerError, WorkerCrashedError
+from .. import errors
+from ..errors import (
+    MissingMainGuardError,
+    TracedModelClosedError,
+    TraceError,
+    TraceWorkerError,
+    WorkerCrashedError,
+    WorkerTimeoutError,
+)
 from . import protocol
 from .main_guard import MISSING_GUARD_EXIT_CODE, missing_guard_message
 from .shared_arena import SharedArena
 from .worker_main import worker_main
 
 _CLOSE_TIMEOUT_S = 10.0
+_POLL_S = 0.5  # how often a wait looks for stopped workers and for its deadline
+DEFAULT_CALL_TIMEOUT_S = 600.0
 
 
 def default_threads_per_worker(tp_degree: int) -> int:
@@ -33,8 +48,10 @@ def default_threads_per_worker(tp_degree: int) -> int:
 class WorkerGroup:
     """`tp_degree` spawned worker processes in one process group, each running one job."""
 
-    def __init__(self, tp_degree: int, jobs: list, threads_per_worker: int, api_name: str):
+    def __init__(self, tp_degree: int, jobs: list, threads_per_worker: int, api_name: str,
+                 call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S):
         self.tp_degree = tp_degree
+        self.call_timeout_s = call_timeout_s
         self._api_name = api_name
         self._closed_because: str | None = None
         context = mp.get_context("spawn")
@@ -81,17 +98,17 @@ class WorkerGroup:
 
     def step(self) -> None:
         """Run one call: every worker runs its program on the arena's inputs."""
-        self._check_open()
+        self.check_open()
         for rank, conn in enumerate(self._conns):
             try:
                 conn.send_bytes(protocol.STEP)
             except OSError:
                 self._raise_crash(rank)
-        self._collect()
+        self._collect(timeout_s=self.call_timeout_s)
 
     def command(self, *command) -> list:
         """Send a pickled command to every worker; return their replies in rank order."""
-        self._check_open()
+        self.check_open()
         for rank, conn in enumerate(self._conns):
             try:
                 protocol.send_command(conn, command)
@@ -128,30 +145,37 @@ class WorkerGroup:
         self._selector.close()
         self._store = None
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise TracedModelClosedError if the workers are stopped (closed, or after a failure)."""
         if self._closed_because is not None:
             raise TracedModelClosedError(
                 f"this traced model's workers are stopped ({self._closed_because}); "
                 "load it again with parallel_model_load or trace it again."
             )
 
-    def _collect(self, progress: str | None = None) -> list[bytes]:
-        """One message from every worker, in rank order; raise (after stopping all) if any fails or dies.
+    def _collect(self, progress: str | None = None, timeout_s: float | None = None) -> list[bytes]:
+        """One message from every worker, in rank order; raise (after stopping all) if any fails, dies or stalls.
 
-        With `progress`, a progress bar (ranks done, time elapsed) is shown while waiting.
+        With `progress`, a progress bar (ranks done, time elapsed) is shown while waiting;
+        with `timeout_s`, workers that have not answered by then raise WorkerTimeoutError.
         """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         if progress is None:  # every inference call: no bar on the hot path
-            return self._collect_replies()
+            return self._collect_replies(deadline, timeout_s)
         with tqdm(total=self.tp_degree, desc=progress, unit="rank") as bar:
-            return self._collect_replies(bar)
+            return self._collect_replies(deadline, timeout_s, bar)
 
-    def _collect_replies(self, bar: tqdm | None = None) -> list[bytes]:
+    def _collect_replies(self, deadline: float | None, timeout_s: float | None, bar: tqdm | None = None) -> list[bytes]:
         replies: list[bytes | None] = [None] * self.tp_degree
         waiting = self.tp_degree
+        stopped: set[int] = set()
         while waiting:
-            events = self._selector.select(timeout=None if bar is None else 0.5)
+            events = self._selector.select(timeout=_POLL_S)
             if not events:
-                bar.refresh()  # keeps the elapsed time moving
+                if bar is not None:
+                    bar.refresh()  # keeps the elapsed time moving
+                pending = [rank for rank, reply in enumerate(replies) if reply is None]
+                stopped = self._check_responsive(pending, deadline, timeout_s, stopped)
             for key, _ in events:
                 rank = key.data
                 conn = self._conns[rank]
@@ -168,15 +192,41 @@ class WorkerGroup:
                     if dead:  # the failure is a consequence (a collective lost its peer): report the cause
                         self._raise_crash(dead[0])
                     self.kill(f"tp rank {rank} raised")
-                    raise TraceWorkerError(
-                        f"tp rank {rank} of {self.tp_degree} raised in {self._api_name}:\n"
-                        f"{message[1:].decode(errors='replace')}"
-                    )
+                    name, text = protocol.failure(message)
+                    error_type = getattr(errors, name, None)
+                    if not (isinstance(error_type, type) and issubclass(error_type, TraceError)):
+                        error_type = TraceWorkerError  # the user's code (or torch) raised: its traceback says what
+                    raise error_type(f"tp rank {rank} of {self.tp_degree} raised in {self._api_name}:\n{text}")
                 replies[rank] = message
                 waiting -= 1
                 if bar is not None:
                     bar.update()
         return replies
+
+    def _check_responsive(self, pending: list[int], deadline: float | None, timeout_s: float | None,
+                          stopped_before: set[int]) -> set[int]:
+        """Raise WorkerTimeoutError (after stopping every worker) if time is up or a pending worker stays stopped.
+
+        A worker counts as stopped when two polls in a row find it so (a profiler's
+        brief ptrace stop does not); returns the pending workers stopped now.
+        """
+        stopped = {rank for rank in pending if _is_stopped(self._procs[rank].pid)}
+        if stopped & stopped_before:
+            rank = min(stopped & stopped_before)
+            self.kill(f"tp rank {rank} was stopped")
+            raise WorkerTimeoutError(
+                f"tp rank {rank} of {self.tp_degree} (pid {self._procs[rank].pid}) is stopped (SIGSTOP or a "
+                f"job-control stop) during {self._api_name}, so the other ranks would wait for it; every worker is "
+                "stopped. Load or trace the model again, and do not stop its worker processes."
+            )
+        if deadline is not None and time.monotonic() > deadline:
+            self.kill(f"a call took longer than {timeout_s} s")
+            raise WorkerTimeoutError(
+                f"tp rank(s) {pending} of {self.tp_degree} did not finish a call within call_timeout_s={timeout_s} s; "
+                "every worker is stopped. If the model needs longer per call, load or trace it again with a larger "
+                "call_timeout_s (None waits without limit)."
+            )
+        return stopped
 
     def _raise_crash(self, rank: int):
         proc = self._procs[rank]
@@ -191,6 +241,17 @@ class WorkerGroup:
             "every worker is stopped. Check its output above (out of memory? a crash in native code?), "
             "then trace or load the model again."
         )
+
+
+def _is_stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped by a signal or a tracer (Linux /proc; False where that is not available)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            text = stat_file.read()
+    except OSError:
+        return False
+    state = text[text.rfind(b")") + 2 :][:1]  # the field after the command name, which may hold spaces
+    return state in (b"T", b"t")
 
 
 def _died(proc: mp.process.BaseProcess) -> bool:
