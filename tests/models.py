@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuronx_distributed.parallel_layers import ColumnParallelLinear, RowParallelLinear, parallel_state
+from neuronx_distributed.parallel_layers.layer_norm import LayerNorm
 
 
 class MLP(nn.Module):
@@ -28,6 +29,26 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SequenceParallelMLP(nn.Module):
+    """norm (LayerNorm) -> fc1 (Column) -> GELU -> fc2 (Row), sequence-parallel on `[seq, batch, hidden]`.
+
+    The parallel block takes and returns this rank's chunk of the sequence; the reference
+    takes and returns the whole sequence.
+    """
+
+    def __init__(self, hidden: int, ffn: int, parallel: bool):
+        super().__init__()
+        if parallel:
+            self.norm = LayerNorm(hidden, sequence_parallel_enabled=True)
+            self.fc1 = ColumnParallelLinear(hidden, ffn, gather_output=False, sequence_parallel_enabled=True)
+            self.fc2 = RowParallelLinear(ffn, hidden, input_is_parallel=True, sequence_parallel_enabled=True)
+        else:
+            self.norm, self.fc1, self.fc2 = nn.LayerNorm(hidden), nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
 class SelfAttention(nn.Module):
