@@ -4,7 +4,9 @@ The seed's swaps (query/key/value as ColumnParallelLinear with the heads divided
 by TP, the attention output dense as RowParallelLinear), plus the MLP
 (intermediate Column, output Row) and the word embeddings (ParallelEmbedding,
 vocabulary sharded) with the MLM decoder tied to them as a ColumnParallelLinear
-that gathers its logits. Every swapped layer is initialized as BERT initializes
+that gathers its logits. The attention dropout of each rank's heads draws from
+the tensor-parallel RNG tracker (call `model_parallel_manual_seed` before
+training). Every swapped layer is initialized as BERT initializes
 its own (normal weights with std `initializer_range`, zero biases) from one full
 master tensor, so with the same seed a TP=N model holds exactly the slices of
 the TP=1 model.
@@ -20,6 +22,7 @@ from transformers import BertConfig, BertForPreTraining
 from transformers.models.bert.modeling_bert import BertIntermediate, BertOutput, BertSelfAttention, BertSelfOutput
 
 from neuronx_distributed.parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, parallel_state
+from neuronx_distributed.parallel_layers.random import get_rng_state_tracker
 from neuronx_distributed.parallel_layers.utils import copy_attributes_to_state_dict
 
 # BERT's uncased WordPiece vocabulary (the one the data builder tokenizes with).
@@ -97,6 +100,12 @@ class ParallelSelfAttention(BertSelfAttention):
         tp_size = parallel_state.get_tensor_parallel_size()
         self.num_attention_heads = self.num_attention_heads // tp_size
         self.all_head_size = self.all_head_size // tp_size
+
+    def forward(self, *args, **kwargs):
+        # Each rank holds other heads: their attention dropout draws from the rank's own stream
+        # (seeded by model_parallel_manual_seed), not the stream the TP group shares.
+        with get_rng_state_tracker().fork():
+            return super().forward(*args, **kwargs)
 
 
 class ParallelSelfOutput(BertSelfOutput):

@@ -31,6 +31,7 @@ from transformers.optimization import get_linear_schedule_with_warmup
 
 from neuronx_distributed import parallel_layers
 from neuronx_distributed.parallel_layers import all_reduce_gradients, clip_grad_norm, move_model_to_device, parallel_state
+from neuronx_distributed.parallel_layers.random import model_parallel_manual_seed
 from parallel_bert import MODEL_CONFIGS, bert_config, build_parallel_bert, parameter_bytes
 from pretraining_data import PretrainingDataError, create_pretraining_dataloader, training_shards
 from training_metrics import MetricsFile, plot_losses
@@ -132,7 +133,11 @@ def build_optimizer(model, args):
 
 
 def step_seed(seed: int, dp_rank: int, step: int) -> int:
-    """The dropout seed of one optimizer step on one replica (the same on its TP ranks), so resuming replays it."""
+    """The dropout seed of one optimizer step on one replica (the same on its TP ranks), so resuming replays it.
+
+    `model_parallel_manual_seed` gives it to the default generators (dropout on replicated activations)
+    and, offset by the TP rank, to the tracker's stream (attention dropout on each rank's heads).
+    """
     return hash((seed, dp_rank, step)) & 0x7FFF_FFFF
 
 
@@ -224,8 +229,9 @@ def main(argv=None) -> None:
         for _ in range(args.grad_accum_usteps):
             position, batch = next(data)
             batches.append(batch)
-        # Seeded after loading: a new DataLoader iterator draws from the default generator.
-        torch.manual_seed(step_seed(args.seed, dp_rank, step))
+        # Seeded after loading: a new DataLoader iterator draws from the default generator. Also seeds the
+        # tracker's per-TP-rank stream, from which the attention dropout of each rank's heads draws.
+        model_parallel_manual_seed(step_seed(args.seed, dp_rank, step))
         learning_rate = scheduler.get_last_lr()[0]
         loss, grad_norm = train_step(model, optimizer, scheduler, batches, device, dp_group, dp_size)
         loss_value, grad_norm_value = loss.item(), grad_norm.item()
