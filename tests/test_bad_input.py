@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from neuronx_distributed import comm, parallel_state
-from neuronx_distributed.errors import CollectiveError, InputShapeError, ParallelSizeError
+from neuronx_distributed.errors import CollectiveError, InputShapeError, LayerConfigError, ParallelSizeError
 from neuronx_distributed.parallel_layers import (
     ColumnParallelLinear,
     ParallelEmbedding,
     RowParallelLinear,
+    all_reduce_gradients,
     optimizer_step,
 )
+from neuronx_distributed.parallel_layers.layers import InputChannelParallelConv2d, OutputChannelParallelConv2d
 
 
 def _layer_sizes_not_divisible():
@@ -44,6 +46,26 @@ def _inputs_that_do_not_fit():
         embedding(torch.ones(2, 2))
 
 
+def _zero_sizes_and_bool_ids():
+    """Checked before any rank-dependent work: every rank raises the same typed error."""
+    builds = [
+        lambda: ColumnParallelLinear(0, 8),
+        lambda: ColumnParallelLinear(8, 0),
+        lambda: ColumnParallelLinear(8, 8, stride=0),
+        lambda: RowParallelLinear(8, 0),
+        lambda: RowParallelLinear(True, 8),
+        lambda: ParallelEmbedding(0, 8),
+        lambda: ParallelEmbedding(8, 0, shard_across_embedding=True),
+        lambda: OutputChannelParallelConv2d(0, 8, 3),
+        lambda: InputChannelParallelConv2d(8, 0, 3),
+    ]
+    for build in builds:
+        with pytest.raises(LayerConfigError, match="must be a positive integer"):
+            build()
+    with pytest.raises(InputShapeError, match="integer token ids, got torch.bool"):
+        ParallelEmbedding(8, 4)(torch.tensor([[True, False]]))
+
+
 def _bad_collective_arguments():
     with pytest.raises(CollectiveError, match="use 'sum' or 'max'"):
         comm.all_reduce(torch.ones(2), op="mean")
@@ -62,7 +84,9 @@ def _bad_collective_arguments():
         optimizer_step(optimizer, groups=[[0, 1, 2, 3]])
 
 
-@pytest.mark.parametrize("case", [_layer_sizes_not_divisible, _inputs_that_do_not_fit, _bad_collective_arguments])
+@pytest.mark.parametrize(
+    "case", [_layer_sizes_not_divisible, _inputs_that_do_not_fit, _zero_sizes_and_bool_ids, _bad_collective_arguments]
+)
 def test_bad_input_raises_typed_errors(pools, case):
     pools.run(4, 4, case)
 
@@ -94,3 +118,19 @@ def _tp_attributes_survive_move():
 
 def test_move_model_to_device_keeps_tp_attributes(pools):
     assert pools.run(2, 2, _tp_attributes_survive_move) == [0, 1]
+
+
+def _gradients_missing_on_some_replicas():
+    """Rank 0 has a gradient for `a` only, rank 1 for `b` only (same shapes): each is averaged with zeros."""
+    dp_rank = parallel_state.get_data_parallel_rank()
+    a, b, unused = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    (a if dp_rank == 0 else b).grad = torch.full((3,), float(dp_rank + 1))
+    all_reduce_gradients([a, b, unused])
+    torch.testing.assert_close(a.grad, torch.full((3,), 0.5))  # (1 + 0) / 2
+    torch.testing.assert_close(b.grad, torch.full((3,), 1.0))  # (0 + 2) / 2
+    assert unused.grad is None  # no replica has one: left alone
+    return dp_rank
+
+
+def test_all_reduce_gradients_agrees_on_missing_gradients(pools):
+    assert pools.run(2, 1, _gradients_missing_on_some_replicas) == [0, 1]
