@@ -1,6 +1,7 @@
 // Python bindings of the C++ core: the shared-memory collective engine.
 // Tensors arrive through DLPack (nanobind ndarray) and are used in place, never copied;
-// the GIL is released while a collective runs.
+// the GIL is released while a collective runs, and retaken only by the interruption check
+// while a rank waits, so that Ctrl-C raises KeyboardInterrupt there instead of after the wait.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
@@ -47,6 +48,34 @@ nxd::ReduceOp reduce_op(const std::string& name) {
   if (name == "sum") return nxd::ReduceOp::Sum;
   if (name == "max") return nxd::ReduceOp::Max;
   throw nb::value_error(("reduce op must be 'sum' or 'max', got '" + name + "'").c_str());
+}
+
+nxd::Collective collective_named(const std::string& name) {
+  if (name == "all_reduce") return nxd::Collective::AllReduce;
+  if (name == "all_gather") return nxd::Collective::AllGather;
+  if (name == "reduce_scatter") return nxd::Collective::ReduceScatter;
+  if (name == "broadcast") return nxd::Collective::Broadcast;
+  if (name == "barrier") return nxd::Collective::Barrier;
+  throw nb::value_error(("unknown collective '" + name + "'").c_str());
+}
+
+nxd::Elsewhere elsewhere_named(const std::string& name) {
+  if (name == "other_engine") return nxd::Elsewhere::OtherEngine;
+  if (name == "invalid_input") return nxd::Elsewhere::InvalidInput;
+  throw nb::value_error(("reason must be 'other_engine' or 'invalid_input', got '" + name + "'").c_str());
+}
+
+// Runs Python's handlers of pending signals (the default SIGINT handler raises KeyboardInterrupt)
+// from a rank that waits with the GIL released; the exception travels through the engine as
+// nb::python_error and nanobind raises it again in Python. Signals run only in the main thread.
+void raise_pending_signals() {
+  nb::gil_scoped_acquire acquire;
+  if (PyErr_CheckSignals() != 0) throw nb::python_error();
+}
+
+std::unique_ptr<nxd::ShmGroup> interruptible(std::unique_ptr<nxd::ShmGroup> group) {
+  group->set_interruption_check(&raise_pending_signals);
+  return group;
 }
 
 nxd::GroupConfig make_config(const std::string& segment, int rank, const std::vector<int>& global_ranks,
@@ -96,11 +125,20 @@ void broadcast(nxd::ShmGroup& group, CpuTensor& tensor, int root) {
   group.broadcast(tensor.data(), tensor.nbytes(), root);
 }
 
+void announce_elsewhere(nxd::ShmGroup& group, const std::string& collective, const std::string& reason,
+                        uint64_t count, const std::string& op, int root) {
+  const nxd::Collective kind = collective_named(collective);
+  const nxd::Elsewhere why = elsewhere_named(reason);
+  const nxd::ReduceOp reduce = reduce_op(op);
+  nb::gil_scoped_release release;
+  group.announce_elsewhere(kind, why, count, reduce, root);
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
   m.doc() = "neuronx_distributed C++ core: the shared-memory collective engine";
-  m.attr("ABI_VERSION") = 2;
+  m.attr("ABI_VERSION") = 3;
   // Group handles are cached for the life of the process and freed after nanobind's leak check.
   nb::set_leak_warnings(false);
 
@@ -119,14 +157,14 @@ NB_MODULE(_C, m) {
           "create",
           [](const std::string& segment, int rank, const std::vector<int>& global_ranks, size_t slot_bytes,
              double timeout_s) {
-            return nxd::ShmGroup::create(make_config(segment, rank, global_ranks, slot_bytes, timeout_s));
+            return interruptible(nxd::ShmGroup::create(make_config(segment, rank, global_ranks, slot_bytes, timeout_s)));
           },
           "segment"_a, "rank"_a, "global_ranks"_a, "slot_bytes"_a, "timeout_s"_a)
       .def_static(
           "attach",
           [](const std::string& segment, int rank, const std::vector<int>& global_ranks, size_t slot_bytes,
              double timeout_s) {
-            return nxd::ShmGroup::attach(make_config(segment, rank, global_ranks, slot_bytes, timeout_s));
+            return interruptible(nxd::ShmGroup::attach(make_config(segment, rank, global_ranks, slot_bytes, timeout_s)));
           },
           "segment"_a, "rank"_a, "global_ranks"_a, "slot_bytes"_a, "timeout_s"_a)
       .def("wait_for_peers", &nxd::ShmGroup::wait_for_peers, nb::call_guard<nb::gil_scoped_release>(),
@@ -141,6 +179,11 @@ NB_MODULE(_C, m) {
            "Overwrite `tensor` with the copy of group rank `root`.")
       .def("barrier", &nxd::ShmGroup::barrier, nb::call_guard<nb::gil_scoped_release>(),
            "Return once every rank has entered.")
+      .def("announce_elsewhere", &announce_elsewhere, "collective"_a, "reason"_a, "count"_a, "op"_a = "sum",
+           "root"_a = -1,
+           "Publish, as one step, that this rank runs `collective` on torch.distributed (reason 'other_engine') "
+           "or raises for its input (reason 'invalid_input'); every rank fails at once if a peer runs that step "
+           "on shared memory instead.")
       .def_prop_ro("rank", &nxd::ShmGroup::rank)
       .def_prop_ro("size", &nxd::ShmGroup::size)
       .def_prop_ro("slot_bytes", &nxd::ShmGroup::slot_bytes)

@@ -27,17 +27,19 @@
 namespace nxd {
 
 constexpr uint64_t kMagic = 0x6e78642d73686d31ULL;  // "nxd-shm1"
-constexpr uint32_t kLayoutVersion = 1;
+constexpr uint32_t kLayoutVersion = 2;  // 2: call heads carry the Elsewhere reason
 constexpr size_t kSlotAlignment = 4096;
 // Chunks up to this size are reduced whole by every rank in one step; larger ones in two
 // steps, each rank reducing one share, which moves less data per rank.
 constexpr size_t kDirectReduceBytes = 32 << 10;
 // Waiting: spin this many pauses, then yield the core until kYieldPhase has passed, then
-// sleep on the futex in slices of kSleepSliceNs, checking peers' liveness every kLivenessPeriod.
+// sleep on the futex in slices of kSleepSliceNs. Every kPollPeriod of sleeping, check that
+// the peers still live and run the interruption check: each costs a few system calls (or the
+// GIL), nothing next to 50 ms asleep, and 50 ms is well inside "Ctrl-C answers at once".
 constexpr int kSpinIterations = 1000;
 constexpr auto kYieldPhase = std::chrono::microseconds(500);
 constexpr long kSleepSliceNs = 2'000'000;
-constexpr auto kLivenessPeriod = std::chrono::milliseconds(50);
+constexpr auto kPollPeriod = std::chrono::milliseconds(50);
 
 struct SegmentHeader {
   uint64_t magic;
@@ -98,22 +100,41 @@ void validate_config(const GroupConfig& config) {
 
 uint64_t ShmGroup::Call::pack_head() const {
   return static_cast<uint64_t>(kind) | static_cast<uint64_t>(dtype) << 8 | static_cast<uint64_t>(op) << 16 |
-         static_cast<uint64_t>(static_cast<uint32_t>(root)) << 32;
+         static_cast<uint64_t>(elsewhere) << 24 | static_cast<uint64_t>(static_cast<uint32_t>(root)) << 32;
+}
+
+ShmGroup::Call ShmGroup::Call::unpack(uint64_t head, uint64_t count) {
+  Call call{static_cast<Collective>(head & 0xff), static_cast<DType>((head >> 8) & 0xff),
+            static_cast<ReduceOp>((head >> 16) & 0xff), static_cast<int32_t>(head >> 32), count};
+  call.elsewhere = static_cast<uint8_t>((head >> 24) & 0xff);
+  return call;
 }
 
 std::string ShmGroup::Call::describe() const {
   std::ostringstream text;
   text << kind_name(static_cast<int>(kind)) << "(";
-  switch (kind) {
-    case Kind::AllReduce:
-    case Kind::ReduceScatter:
-      text << reduce_op_name(op) << ", " << dtype_name(dtype) << ", " << count << " elements";
-      break;
-    case Kind::AllGather: text << count << " bytes"; break;
-    case Kind::Broadcast: text << count << " bytes from rank " << root; break;
-    case Kind::Barrier: break;
+  if (elsewhere != 0) {
+    // Announced, not run here: the element type may be one this engine does not know.
+    if (kind == Collective::AllReduce || kind == Collective::ReduceScatter) text << reduce_op_name(op) << ", ";
+    if (kind != Collective::Barrier) text << count << " elements";
+    if (kind == Collective::Broadcast) text << " from rank " << root;
+  } else {
+    switch (kind) {
+      case Collective::AllReduce:
+      case Collective::ReduceScatter:
+        text << reduce_op_name(op) << ", " << dtype_name(dtype) << ", " << count << " elements";
+        break;
+      case Collective::AllGather: text << count << " bytes"; break;
+      case Collective::Broadcast: text << count << " bytes from rank " << root; break;
+      case Collective::Barrier: break;
+    }
   }
   text << ")";
+  if (elsewhere == static_cast<uint8_t>(Elsewhere::OtherEngine)) {
+    text << " on torch.distributed (a dtype or device that shared memory does not run)";
+  } else if (elsewhere == static_cast<uint8_t>(Elsewhere::InvalidInput)) {
+    text << " refused for invalid input (see that rank's error)";
+  }
   return text.str();
 }
 
@@ -180,18 +201,34 @@ ShmGroup::~ShmGroup() {
 void ShmGroup::wait_for_peers() {
   std::lock_guard<std::mutex> lock(mutex_);
   const auto start = Clock::now();
-  while (header_->attached.load(std::memory_order_acquire) < static_cast<uint32_t>(size_)) {
-    if (Clock::now() - start > std::chrono::duration<double>(timeout_s_.load())) {
-      std::string missing;
-      for (int r = 0; r < size_; ++r) {
-        if (line(r).process.pid == 0) missing += (missing.empty() ? "" : ", ") + describe_rank(r);
+  auto next_poll = start + kPollPeriod;
+  try {
+    while (header_->attached.load(std::memory_order_acquire) < static_cast<uint32_t>(size_)) {
+      check_not_aborted();
+      const auto now = Clock::now();
+      if (now >= next_poll) {
+        check_interruption("set-up");
+        next_poll = now + kPollPeriod;
       }
+      if (now - start > std::chrono::duration<double>(timeout_s_.load())) {
+        std::string missing;
+        for (int r = 0; r < size_; ++r) {
+          if (line(r).process.pid == 0) missing += (missing.empty() ? "" : ", ") + describe_rank(r);
+        }
+        fail(missing + " of " + label() + " did not attach to the shared-memory segment within " +
+             std::to_string(timeout_s_.load()) + " s; check that every rank of the group set it up");
+      }
+      ::usleep(100);
+    }
+  } catch (...) {
+    // Failed or interrupted: the name must not outlive the set-up (the destructor may run late).
+    try {
       SharedSegment::unlink(name_);
       unlinked_ = true;
-      fail(missing + " of " + label() + " did not attach to the shared-memory segment within " +
-           std::to_string(timeout_s_.load()) + " s; check that every rank of the group set it up");
+    } catch (const SegmentError&) {
+      // The failure being reported matters more; a later run removes orphaned segments.
     }
-    ::usleep(100);
+    throw;
   }
   SharedSegment::unlink(name_);
   unlinked_ = true;
@@ -255,7 +292,7 @@ void ShmGroup::wait_for_step(uint64_t step, const Call& call) {
     if (behind < 0) return;
   }
   const auto start = Clock::now();
-  auto next_liveness_check = start + kLivenessPeriod;
+  auto next_poll = start + kPollPeriod;
   const auto timeout = std::chrono::duration<double>(timeout_s_.load());
   while (true) {
     check_not_aborted();
@@ -264,9 +301,10 @@ void ShmGroup::wait_for_step(uint64_t step, const Call& call) {
       ::sched_yield();
     } else {
       sleep_until_behind_moves(step, behind);
-      if (now >= next_liveness_check) {
+      if (now >= next_poll) {
         check_peers_alive(step, call);
-        next_liveness_check = now + kLivenessPeriod;
+        check_interruption(call.describe());
+        next_poll = now + kPollPeriod;
       }
       if (now - start > timeout) {
         std::string stalled;
@@ -314,15 +352,11 @@ void ShmGroup::check_calls_agree(uint64_t step, const Call& call) {
   for (int r = 0; r < size_; ++r) {
     const RankLine& peer = line(r);
     if (peer.call_head[step & 1] == head && peer.call_count[step & 1] == call.count) continue;
-    Call other = call;
-    other.kind = static_cast<Kind>(peer.call_head[step & 1] & 0xff);
-    other.dtype = static_cast<DType>((peer.call_head[step & 1] >> 8) & 0xff);
-    other.op = static_cast<ReduceOp>((peer.call_head[step & 1] >> 16) & 0xff);
-    other.root = static_cast<int32_t>(peer.call_head[step & 1] >> 32);
-    other.count = peer.call_count[step & 1];
+    const Call other = Call::unpack(peer.call_head[step & 1], peer.call_count[step & 1]);
     fail("ranks of " + label() + " issued different collectives: rank " + std::to_string(rank_) + " called " +
          call.describe() + " while rank " + std::to_string(r) + " called " + other.describe() +
-         "; every rank of a group must issue the same collectives in the same order with the same sizes");
+         "; every rank of a group must issue the same collectives in the same order, with the same sizes, "
+         "dtypes and ops");
   }
 }
 
@@ -334,7 +368,19 @@ void ShmGroup::check_not_aborted() {
                           " failed: " + broken_);
 }
 
-void ShmGroup::fail(const std::string& reason) {
+void ShmGroup::check_interruption(const std::string& waiting_in) {
+  if (!interruption_check_) return;
+  try {
+    interruption_check_();
+  } catch (...) {
+    // Whatever it throws (KeyboardInterrupt through the bindings) goes to the caller unchanged;
+    // the peers learn why this rank left instead of waiting for it until the timeout.
+    abort_group(describe_rank(rank_) + " of " + label() + " was interrupted while waiting in " + waiting_in);
+    throw;
+  }
+}
+
+void ShmGroup::abort_group(const std::string& reason) {
   broken_ = reason;
   int32_t expected = -1;
   if (header_->aborted_by.compare_exchange_strong(expected, rank_)) {
@@ -344,13 +390,17 @@ void ShmGroup::fail(const std::string& reason) {
     header_->abort_published.store(1, std::memory_order_seq_cst);
   }
   wake_sleepers();
+}
+
+void ShmGroup::fail(const std::string& reason) {
+  abort_group(reason);
   throw CollectiveFailure(reason);
 }
 
 void ShmGroup::all_reduce(void* data, size_t count, DType dtype, ReduceOp op) {
   std::lock_guard<std::mutex> lock(mutex_);
   enter();
-  const Call call{Kind::AllReduce, dtype, op, -1, count};
+  const Call call{Collective::AllReduce, dtype, op, -1, count};
   const size_t element = dtype_size(dtype);
   if (count == 0) {
     step(call);
@@ -397,7 +447,7 @@ void ShmGroup::all_reduce_chunk(char* data, size_t count, size_t element, DType 
 void ShmGroup::all_gather(const void* in, void* out, size_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
   enter();
-  const Call call{Kind::AllGather, DType::Float32, ReduceOp::Sum, -1, bytes};
+  const Call call{Collective::AllGather, DType::Float32, ReduceOp::Sum, -1, bytes};
   if (bytes == 0) {
     step(call);
     return;
@@ -417,7 +467,7 @@ void ShmGroup::all_gather(const void* in, void* out, size_t bytes) {
 void ShmGroup::reduce_scatter(const void* in, void* out, size_t count, DType dtype, ReduceOp op) {
   std::lock_guard<std::mutex> lock(mutex_);
   enter();
-  const Call call{Kind::ReduceScatter, dtype, op, -1, count};
+  const Call call{Collective::ReduceScatter, dtype, op, -1, count};
   const size_t element = dtype_size(dtype);
   if (count == 0) {
     step(call);
@@ -447,7 +497,7 @@ void ShmGroup::broadcast(void* data, size_t bytes, int root) {
   if (root < 0 || root >= size_) {
     throw UnsupportedArgument("broadcast root " + std::to_string(root) + " is outside " + label());
   }
-  const Call call{Kind::Broadcast, DType::Float32, ReduceOp::Sum, root, bytes};
+  const Call call{Collective::Broadcast, DType::Float32, ReduceOp::Sum, root, bytes};
   if (bytes == 0) {
     step(call);
     return;
@@ -464,7 +514,15 @@ void ShmGroup::broadcast(void* data, size_t bytes, int root) {
 void ShmGroup::barrier() {
   std::lock_guard<std::mutex> lock(mutex_);
   enter();
-  step(Call{Kind::Barrier, DType::Float32, ReduceOp::Sum, -1, 0});
+  step(Call{Collective::Barrier, DType::Float32, ReduceOp::Sum, -1, 0});
+}
+
+void ShmGroup::announce_elsewhere(Collective collective, Elsewhere reason, uint64_t count, ReduceOp op, int root) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  enter();
+  Call call{collective, DType::Float32, op, root, count};
+  call.elsewhere = static_cast<uint8_t>(reason);
+  step(call);
 }
 
 }  // namespace nxd

@@ -5,12 +5,14 @@
 // every rank has published v, all read any slot of set v % 2 until they publish v + 1. So no
 // slot is overwritten while a peer may still read it, and a step costs one exchange of
 // cache lines. Waiting spins briefly, then yields, then sleeps on a futex, checking for dead
-// peers and the timeout, so ranks that outnumber the cores still make progress.
+// peers, the timeout and (through a callback) pending interruptions, so ranks that outnumber
+// the cores still make progress and a blocked rank still answers Ctrl-C.
 #pragma once
 
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -32,6 +34,12 @@ struct GroupConfig {
 
 struct SegmentHeader;
 struct RankLine;
+
+// The collectives of the engine, as every rank of a step publishes them.
+enum class Collective : uint8_t { AllReduce = 1, AllGather, ReduceScatter, Broadcast, Barrier };
+
+// Why a rank does not run a collective on this engine (see ShmGroup::announce_elsewhere).
+enum class Elsewhere : uint8_t { OtherEngine = 1, InvalidInput = 2 };
 
 class ShmGroup {
  public:
@@ -55,6 +63,17 @@ class ShmGroup {
   void broadcast(void* data, size_t bytes, int root);
   void barrier();
 
+  // Publishes, as one step, that this rank runs `collective` (on `count` elements) on another
+  // engine, or raises an error for its input instead of running it. Returns once every rank
+  // published the same; if a peer runs that step on this engine instead, every rank fails at
+  // once rather than waiting for a peer that never arrives.
+  void announce_elsewhere(Collective collective, Elsewhere reason, uint64_t count, ReduceOp op, int root);
+
+  // `check` runs about every kPollPeriod while this rank waits for its peers (never on the
+  // fast path). If it throws, the group is aborted (peers fail at once) and its exception
+  // reaches the caller of the collective: the bindings use it to deliver Ctrl-C.
+  void set_interruption_check(std::function<void()> check) { interruption_check_ = std::move(check); }
+
   int rank() const { return rank_; }
   int size() const { return size_; }
   size_t slot_bytes() const { return slot_bytes_; }
@@ -64,15 +83,17 @@ class ShmGroup {
   std::string label() const;
 
  private:
-  enum class Kind : uint8_t { AllReduce = 1, AllGather, ReduceScatter, Broadcast, Barrier };
-  // What a rank is doing at a step; every rank of the step must agree on it.
+  // What a rank is doing at a step; every rank of the step must agree on it. `elsewhere` is 0
+  // for a collective run here, else the Elsewhere reason of an announce_elsewhere() step.
   struct Call {
-    Kind kind;
+    Collective kind;
     DType dtype;
     ReduceOp op;
     int32_t root;
     uint64_t count;
+    uint8_t elsewhere = 0;
     uint64_t pack_head() const;
+    static Call unpack(uint64_t head, uint64_t count);
     std::string describe() const;
   };
 
@@ -91,6 +112,9 @@ class ShmGroup {
   void check_calls_agree(uint64_t step, const Call& call);
   void check_not_aborted();
   void check_peers_alive(uint64_t step, const Call& call);
+  void check_interruption(const std::string& waiting_in);
+  // Marks the group failed for every rank (the first reason wins) and wakes sleeping peers.
+  void abort_group(const std::string& reason);
   int first_behind(uint64_t step, int from) const;
   void sleep_until_behind_moves(uint64_t step, int behind);
   void wake_sleepers();
@@ -111,6 +135,7 @@ class ShmGroup {
   uint64_t step_ = 0;
   std::vector<const void*> sources_;  // scratch: the buffers one reduction reads
   std::string broken_;                // why the group is unusable, empty while it works
+  std::function<void()> interruption_check_;
   std::mutex mutex_;    // one collective at a time per group in this process
 };
 

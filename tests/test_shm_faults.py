@@ -174,3 +174,72 @@ def test_bad_timeout_setting_is_rejected(monkeypatch, value):
     monkeypatch.setenv(shm_ops.TIMEOUT_ENV, value)
     with pytest.raises(CollectiveError, match="NXD_COMM_TIMEOUT"):
         shm_ops.default_timeout_s()
+
+
+INTERRUPT_ANSWER_S = 10  # generous: the engine looks for pending signals every 50 ms while it waits
+
+
+def _interrupted_rank_main(rank: int, store: str, release, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from neuronx_distributed import comm
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # what a plain `python script.py` has
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
+    os.environ[comm.BACKEND_ENV] = "shm"
+    comm.ShmEngine.set_timeout(600)  # far beyond the test: only the interruption can end rank 0's wait
+    data = torch.ones(1000)
+    comm.all_reduce(data, group=dist.group.WORLD)  # sets the group up
+    if rank == 1:
+        release.wait(timeout=RESULT_TIMEOUT_S)  # the peer stays away until rank 0 has answered (or the test gave up)
+    else:
+        results.put((rank, "waiting"))
+    try:
+        comm.all_reduce(data, group=dist.group.WORLD)
+        outcome = "returned"
+    except KeyboardInterrupt:
+        outcome = "KeyboardInterrupt"
+    except Exception as error:  # noqa: BLE001 - the outcome is what the test checks
+        outcome = f"{type(error).__name__}: {error}"
+    results.put((rank, outcome))
+    results.close()
+    results.join_thread()
+    os._exit(0)
+
+
+def test_ctrl_c_reaches_a_rank_blocked_in_a_shared_memory_wait_and_its_peer_learns_why():
+    context = _process_context()
+    results, release = context.Queue(), context.Event()
+    with tempfile.TemporaryDirectory(prefix="nxd-faults-") as tmp:
+        procs = [
+            context.Process(target=_interrupted_rank_main, args=(rank, os.path.join(tmp, "store"), release, results))
+            for rank in range(2)
+        ]
+        for proc in procs:
+            proc.start()
+        try:
+            assert results.get(timeout=RESULT_TIMEOUT_S) == (0, "waiting")
+            time.sleep(1.0)  # rank 0 is past the spinning and asleep in the engine's wait by now
+            os.kill(procs[0].pid, signal.SIGINT)
+            try:
+                first = results.get(timeout=INTERRUPT_ANSWER_S)
+            except queue.Empty:
+                first = (0, f"no answer within {INTERRUPT_ANSWER_S} s while its peer stayed away")
+            release.set()
+            second = results.get(timeout=RESULT_TIMEOUT_S)
+        finally:
+            release.set()
+            for proc in procs:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+    assert first == (0, "KeyboardInterrupt"), first
+    rank, outcome = second
+    assert rank == 1 and outcome.startswith("CollectiveError"), second
+    assert "rank 0 (global rank 0" in outcome and "was interrupted" in outcome, outcome
+    assert _segments_of([proc.pid for proc in procs]) == []

@@ -36,6 +36,22 @@ class Engine(Protocol):
         """Whether this engine can run a collective on `tensor` over `group`."""
 
 
+class SharedMemoryEngine(Engine, Protocol):
+    """An engine that serves only some groups (those on one host) and some tensors, and can tell
+    the peers of a group it serves that this rank runs a call elsewhere (see `comm.collectives`)."""
+
+    def serves(self, group: dist.ProcessGroup) -> bool:
+        """Whether the engine runs this group's collectives; the same answer on all its ranks."""
+
+    def runs(self, tensor: torch.Tensor) -> bool:
+        """Whether the engine runs collectives on this tensor (its device and dtype)."""
+
+    def announce_elsewhere(
+        self, group: dist.ProcessGroup, collective: str, reason: str, count: int, op: dist.ReduceOp, root: int
+    ) -> None:
+        """Publish that this rank does not run `collective` here; raise CollectiveError if a peer does."""
+
+
 class TorchEngine:
     """Collectives through torch.distributed: gloo on CPU, NCCL on CUDA, any host layout."""
 

@@ -22,13 +22,32 @@ class ShmEngine:
     name = "shm"
 
     def supports(self, tensor: torch.Tensor, group: dist.ProcessGroup) -> bool:
-        """CPU tensor of a supported dtype, and every rank of `group` on this host.
+        """CPU tensor of a supported dtype, and every rank of `group` on this host (`serves` and `runs`).
+
+        The first call for a group with a CPU tensor is collective over it (see `serves`).
+        """
+        return tensor.device.type == "cpu" and self.serves(group) and self.runs(tensor)
+
+    def serves(self, group: dist.ProcessGroup) -> bool:
+        """Whether every rank of `group` is on this host: the same answer on every rank of the group.
 
         The first call for a group is collective over it (the ranks exchange host identities).
         """
-        if tensor.device.type != "cpu" or tensor.dtype not in SUPPORTED_DTYPES:
-            return False
         return shm_ops.groups.handle(group) is not None
+
+    @staticmethod
+    def runs(tensor: torch.Tensor) -> bool:
+        """Whether the engine runs collectives on `tensor`: a CPU tensor of a supported dtype."""
+        return tensor.device.type == "cpu" and tensor.dtype in SUPPORTED_DTYPES
+
+    def announce_elsewhere(self, group, collective: str, reason: str, count: int, op, root: int) -> None:
+        """Tell the group's ranks in one step that this rank does not run `collective` here.
+
+        `reason` is "other_engine" (it runs on torch.distributed) or "invalid_input" (this rank
+        raises for its input). Raises CollectiveError on every rank if a peer runs the step on
+        shared memory instead; returns if every rank announced the same.
+        """
+        shm_ops.announce_elsewhere(group.group_name, collective, reason, count, _OP_NAMES[op], root)
 
     def all_reduce_(self, tensor, op, group):
         torch.ops.nxd.shm_all_reduce_.default(tensor, _OP_NAMES[op], group.group_name)

@@ -112,3 +112,9 @@ def _broadcast_fake(tensor, group_src, group_name):
 def barrier(group_name: str) -> None:
     """Block until every rank of the group arrives (no tensor, so not a traced op)."""
     groups.handle_by_name(group_name).barrier()
+
+
+@_raising_collective_error
+def announce_elsewhere(group_name: str, collective: str, reason: str, count: int, op: str, root: int) -> None:
+    """Publish that this rank does not run `collective` on shared memory (see ShmEngine.announce_elsewhere)."""
+    groups.handle_by_name(group_name).announce_elsewhere(collective, reason, count, op, root)
