@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import folder_lock
+from .. import errors, folder_lock
 from ..errors import (
     CheckpointArgumentError,
     CheckpointBusyError,
@@ -83,23 +83,29 @@ def _placement() -> _Placement:
     return _Placement(1, 0, dist.get_rank() if dist.is_initialized() else 0, None)
 
 
-def _agree(placement: _Placement, error: BaseException | None, what: str, value=None, error_type=CheckpointError) -> list:
+def _agree(placement: _Placement, error: BaseException | None, what: str, value=None) -> list:
     """Every rank's `value`, once all ranks got here; raise on every rank if any failed.
 
-    A failing rank raises its own error, the others `error_type` naming it. Decisions
-    that shape later collectives are taken from the returned list, the same on every rank.
+    A failing rank raises its own error; the others raise the same type (one of
+    `neuronx_distributed.errors`, else CheckpointError) naming the failed rank.
+    Decisions that shape later collectives are taken from the returned list, the
+    same on every rank.
     """
     if placement.distributed:
         reports = [None] * dist.get_world_size()
-        dist.all_gather_object(reports, (None if error is None else f"{type(error).__name__}: {error}", value))
+        failure = None if error is None else (type(error).__name__, str(error))
+        dist.all_gather_object(reports, (failure, value))
     else:
         reports = [(None, value)]
     if error is not None:
         raise error
-    failed = [(rank, message) for rank, (message, _) in enumerate(reports) if message]
+    failed = [(rank, failure) for rank, (failure, _) in enumerate(reports) if failure]
     if failed:
-        rank, message = failed[0]
-        raise error_type(f"{what} failed on rank {rank} ({len(failed)} rank(s) failed): {message}")
+        rank, (type_name, message) = failed[0]
+        error_type = getattr(errors, type_name, None)
+        if not (isinstance(error_type, type) and issubclass(error_type, CheckpointError)):
+            error_type = CheckpointError
+        raise error_type(f"{what} failed on rank {rank} ({len(failed)} rank(s) failed): {type_name}: {message}")
     return [reported for _, reported in reports]
 
 
