@@ -151,7 +151,8 @@ def parallelize_bert(model: BertForPreTraining) -> BertForPreTraining:
     # BERT ties the decoder to the word embeddings; both shard the vocabulary the same way.
     predictions.decoder.weight = embeddings.word_embeddings.weight
     predictions.bias = predictions.decoder.bias
-    # The head holds that sharded bias under its own name too; mark its state-dict entry as a shard.
+    # The head holds the decoder's bias (full and replicated, as gather_output=True keeps it) under its
+    # own name too; give that state-dict entry the same TP attributes.
     predictions.register_state_dict_post_hook(copy_attributes_to_state_dict)
     return model
 
