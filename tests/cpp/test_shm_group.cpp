@@ -268,6 +268,71 @@ TEST(ShmGroup, MismatchedCollectivesFailOnEveryRankInsteadOfCorruptingData) {
   EXPECT_EQ(statuses[1], 0);
 }
 
+TEST(ShmGroup, AnnouncementsAgreeWithPeersThatDoTheSameAndFailThoseThatRunTheCallHere) {
+  const std::string name = fresh_segment_name();
+  const auto statuses = run_ranks(2, [&](int rank) {
+    auto group = join_group(name, rank, iota_ranks(2), 1 << 20, /*timeout_s=*/10);
+    // Both ranks run the call elsewhere: one agreed step, and the group keeps working.
+    group->announce_elsewhere(Collective::AllReduce, Elsewhere::OtherEngine, 6, ReduceOp::Sum, -1);
+    float value = 1;
+    group->all_reduce(&value, 1, DType::Float32, ReduceOp::Sum);
+    if (value != 2) return 3;
+    // Rank 0 runs the next call elsewhere, rank 1 here: both fail at once, each naming rank 0's choice.
+    try {
+      std::vector<float> data(6, 1.0f);
+      if (rank == 0) {
+        group->announce_elsewhere(Collective::AllReduce, Elsewhere::OtherEngine, 6, ReduceOp::Sum, -1);
+      } else {
+        group->all_reduce(data.data(), data.size(), DType::Float32, ReduceOp::Sum);
+      }
+    } catch (const CollectiveFailure& failure) {
+      const std::string message = failure.what();
+      if (message.find("all_reduce(sum, 6 elements) on torch.distributed") == std::string::npos) {
+        std::fprintf(stderr, "rank %d: unexpected failure: %s\n", rank, message.c_str());
+        return 1;
+      }
+      return 0;
+    }
+    return 2;
+  });
+  EXPECT_EQ(statuses[0], 0);
+  EXPECT_EQ(statuses[1], 0);
+}
+
+struct Interrupted {};
+
+TEST(ShmGroup, InterruptionCheckEndsAWaitAndThePeerLearnsWhy) {
+  const std::string name = fresh_segment_name();
+  const auto statuses = run_ranks(2, [&](int rank) {
+    auto group = join_group(name, rank, {4, 6}, 1 << 20, /*timeout_s=*/60);
+    float value = 1;
+    if (rank == 0) {
+      // The check throws the first time the waiting rank runs it, long before the peer arrives.
+      group->set_interruption_check([] { throw Interrupted{}; });
+      try {
+        group->all_reduce(&value, 1, DType::Float32, ReduceOp::Sum);
+      } catch (const Interrupted&) {
+        return 0;
+      }
+      return 2;  // the wait ended only because the peer arrived
+    }
+    std::this_thread::sleep_for(std::chrono::seconds(3));
+    try {
+      group->all_reduce(&value, 1, DType::Float32, ReduceOp::Sum);
+    } catch (const CollectiveFailure& failure) {
+      const std::string message = failure.what();
+      const bool named = message.find("rank 0 (global rank 4") != std::string::npos &&
+                         message.find("was interrupted while waiting in all_reduce") != std::string::npos;
+      if (!named) std::fprintf(stderr, "unexpected failure: %s\n", message.c_str());
+      return named ? 0 : 1;
+    }
+    return 3;
+  });
+  EXPECT_EQ(statuses[0], 0);
+  EXPECT_EQ(statuses[1], 0);
+  EXPECT_FALSE(segment_exists(name));
+}
+
 TEST(ShmGroup, RankThatNeverAttachesFailsSetUpAndLeavesNoSegment) {
   const std::string name = fresh_segment_name();
   GroupConfig config;
