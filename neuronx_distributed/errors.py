@@ -17,6 +17,10 @@ class ParallelSizeError(NeuronxDistributedError, ValueError):
     """A parallel degree or a layer size that does not divide evenly."""
 
 
+class UnsupportedParallelismError(ParallelSizeError, NotImplementedError):
+    """A parallelism that this library does not implement yet (pipeline, context or expert degree above 1)."""
+
+
 class InputShapeError(NeuronxDistributedError, ValueError):
     """A tensor whose shape does not fit the layer or collective it was given to."""
 
