@@ -327,3 +327,14 @@ def test_utils_move_model_to_device_keeps_sequence_parallel_marks():
         torch.__future__.set_overwrite_module_params_on_conversion(False)
     assert not hasattr(plain.weight, "sequence_parallel_enabled")
     assert moved.weight.sequence_parallel_enabled and moved.bias.sequence_parallel_enabled
+
+
+def test_verify_casted_dtype_raises_typed_error_under_autocast():
+    from neuronx_distributed.errors import InputShapeError
+
+    nested = {"a": [torch.ones(2, dtype=torch.bfloat16)], "b": (torch.ones(2, dtype=torch.long),)}
+    utils.verify_casted_dtype([*nested.values(), torch.ones(2)])  # autocast off: nothing to check
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        utils.verify_casted_dtype(nested)
+        with pytest.raises(InputShapeError, match="autocast dtype torch.bfloat16, got torch.float32"):
+            utils.verify_casted_dtype({"x": [torch.ones(2)]})
