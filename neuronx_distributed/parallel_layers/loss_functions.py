@@ -43,12 +43,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         in_shard = (target >= vocab_start) & (target < vocab_start + shard_size)
         local_target = torch.where(in_shard, target - vocab_start, 0).long()
         target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1) * in_shard
-        partials = [None, target_logit]
-        if label_smoothing > 0:
-            partials.append(shifted.sum(dim=-1))
+        logit_sum = [shifted.sum(dim=-1)] if label_smoothing > 0 else []
         probs = shifted.exp_()  # the shifted logits are not needed past this point
-        partials[0] = probs.sum(dim=-1)
-        sums = comm.all_reduce(torch.stack(partials, dim=-1), op="sum", group=group)
+        # One all-reduce for all three per-token sums: [sum of exp, target logit, (sum of logits)].
+        sums = comm.all_reduce(torch.stack([probs.sum(dim=-1), target_logit, *logit_sum], dim=-1), op="sum", group=group)
 
         log_normalizer = sums[..., 0].log()
         loss = log_normalizer - sums[..., 1]
@@ -77,7 +75,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None, None
 
 
-def _check_inputs(vocab_parallel_logits, target, label_smoothing, ignore_index, vocab_size) -> None:
+def _check_inputs(vocab_parallel_logits, target, label_smoothing, ignore_index, tp_size: int) -> None:
     if not isinstance(vocab_parallel_logits, torch.Tensor) or not vocab_parallel_logits.is_floating_point():
         raise LossInputError(
             "parallel_cross_entropy needs floating-point logits of shape [..., vocab / tp]; "
@@ -107,6 +105,7 @@ def _check_inputs(vocab_parallel_logits, target, label_smoothing, ignore_index, 
         raise LossInputError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}.")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise LossInputError(f"ignore_index must be an int, got {ignore_index!r}.")
+    vocab_size = vocab_parallel_logits.shape[-1] * tp_size
     outside = (target != ignore_index) & ((target < 0) | (target >= vocab_size))
     if outside.any():
         first = target[outside][0].item()
@@ -139,6 +138,5 @@ def parallel_cross_entropy(vocab_parallel_logits, target, label_smoothing=0.0, i
     host read of a boolean per call on an accelerator.
     """
     group = parallel_state.get_tensor_model_parallel_group() if process_group is None else process_group
-    shard_size = vocab_parallel_logits.shape[-1] if isinstance(vocab_parallel_logits, torch.Tensor) and vocab_parallel_logits.dim() else 0
-    _check_inputs(vocab_parallel_logits, target, label_smoothing, ignore_index, shard_size * dist.get_world_size(group))
+    _check_inputs(vocab_parallel_logits, target, label_smoothing, ignore_index, dist.get_world_size(group))
     return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, float(label_smoothing), ignore_index, group)
