@@ -64,6 +64,11 @@ def _zero_sizes_and_bool_ids():
             build()
     with pytest.raises(InputShapeError, match="integer token ids, got torch.bool"):
         ParallelEmbedding(8, 4)(torch.tensor([[True, False]]))
+    # The seed documented init_method third; upstream (and torch.nn.Embedding) put padding_idx there.
+    with pytest.raises(LayerConfigError, match="pass init_method=... by keyword"):
+        ParallelEmbedding(8, 4, torch.nn.init.normal_)
+    with pytest.raises(LayerConfigError, match="outside the vocabulary"):
+        ParallelEmbedding(8, 4, 8)
 
 
 def _bad_collective_arguments():

@@ -413,6 +413,13 @@ class ParallelEmbedding(_TensorParallelModule):
         super().__init__()
         name = "ParallelEmbedding"
         _check_sizes(name, num_embeddings=num_embeddings, embedding_dim=embedding_dim)
+        if callable(padding_idx):
+            raise LayerConfigError(
+                f"{name}'s third argument is padding_idx (upstream's and torch.nn.Embedding's order), got the "
+                f"callable {padding_idx!r}; pass init_method=... by keyword."
+            )
+        if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)):
+            raise LayerConfigError(f"padding_idx must be an int or None, got {padding_idx!r}.")
         if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
             raise LayerConfigError(f"padding_idx {padding_idx} is outside the vocabulary of {num_embeddings}.")
         if sequence_parallel_enabled and not collect_output:
