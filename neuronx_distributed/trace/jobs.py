@@ -73,15 +73,7 @@ class LoadJob:
         from .. import comm  # registers the nxd:: collective ops before the program that uses them loads
 
         where = f"{os.path.join(self.load_dir, self.record.file)!r}"
-        data = read_rank_file(Path(self.load_dir), self.record)
-        try:
-            program = torch.export.load(io.BytesIO(data))
-        except Exception as error:  # noqa: BLE001 - whatever torch raises on a damaged graph
-            raise TracedModelCorruptError(
-                f"{where} passed its checks but torch.export.load cannot read it ({type(error).__name__}: {error}); "
-                "it was written by another torch version or damaged. Trace and save the model again."
-            ) from error
-        del data
+        program = load_program(read_rank_file(Path(self.load_dir), self.record), where)
         _check_program_matches(program, self.inputs, self.outputs, where)
         collectives = collective_ops(program)
         if collectives != self.record.collectives:
@@ -102,6 +94,17 @@ class LoadJob:
                 comm.ShmEngine().supports(torch.empty(0), group)
         check_aliases(program, self.io_aliases, self.outputs, where)
         return Shard(program, self.outputs, collectives, self.record.groups, self.io_aliases)
+
+
+def load_program(data: bytes, where: str) -> torch.export.ExportedProgram:
+    """The program in `data`, an archive that `read_rank_file` checked; TracedModelCorruptError if torch cannot read it."""
+    try:
+        return torch.export.load(io.BytesIO(data))
+    except Exception as error:  # noqa: BLE001 - whatever torch raises on a damaged graph
+        raise TracedModelCorruptError(
+            f"{where} passed its checks but torch.export.load cannot read it ({type(error).__name__}: {error}); "
+            "it was written by another torch version or damaged. Trace and save the model again."
+        ) from error
 
 
 def _check_program_matches(program, inputs: InputSignature, outputs: OutputLayout, where: str) -> None:
