@@ -37,6 +37,14 @@ class CollectiveError(NeuronxDistributedError, RuntimeError):
     """A collective that cannot run as asked (unsupported dtype, dead peer, timeout)."""
 
 
+class OptimizerConfigError(NeuronxDistributedError, ValueError):
+    """Optimizer arguments that cannot work (not an optimizer class, a bad max_norm, sharding groups that are not the DP groups)."""
+
+
+class OptimizerStateError(NeuronxDistributedError, ValueError):
+    """An optimizer state dict that does not belong to this optimizer's partition (other sharding, sizes or groups)."""
+
+
 class LossInputError(NeuronxDistributedError, ValueError):
     """Inputs a loss function cannot take: targets outside the vocabulary, a label_smoothing outside [0, 1]."""
 
