@@ -45,7 +45,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1) * in_shard
         logit_sum = [shifted.sum(dim=-1)] if label_smoothing > 0 else []
         probs = shifted.exp_()  # the shifted logits are not needed past this point
-        # One all-reduce for all three per-token sums: [sum of exp, target logit, (sum of logits)].
+        # One all-reduce for the per-token sums: [sum of exp, target logit, (sum of logits when smoothing)].
         sums = comm.all_reduce(torch.stack([probs.sum(dim=-1), target_logit, *logit_sum], dim=-1), op="sum", group=group)
 
         log_normalizer = sums[..., 0].log()
