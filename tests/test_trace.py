@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import zipfile
 
 import pytest
@@ -35,6 +36,7 @@ from neuronx_distributed.errors import (
     TraceFunctionError,
     TraceWorkerError,
     WorkerCrashedError,
+    WorkerTimeoutError,
 )
 from neuronx_distributed.trace import parallel_model_load, parallel_model_save, parallel_model_trace
 
@@ -59,6 +61,22 @@ class Block(nn.Module):
 def build_block(parallel: bool = True) -> Block:
     torch.manual_seed(0)
     return Block(parallel)
+
+
+class RunningTotal(nn.Module):
+    """Returns x * 2 + total and the new total; with io_aliases {total: 1} the total carries over between calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("total", torch.zeros(HIDDEN))
+
+    def forward(self, x):
+        return x * 2 + self.total, self.total + x.sum(0)
+
+
+def build_running_total():
+    model = RunningTotal()
+    return model, {model.total: 1}
 
 
 def build_failing_on_rank_1() -> nn.Module:
@@ -290,3 +308,76 @@ def test_script_without_main_guard_fails_clearly(tmp_path):
     assert done.returncode != 0
     assert "MissingMainGuardError" in done.stderr
     assert 'if __name__ == "__main__":' in done.stderr
+
+
+def _running_total_reference(calls: list[torch.Tensor], total: torch.Tensor) -> tuple[list[tuple], torch.Tensor]:
+    outputs = []
+    for x in calls:
+        outputs.append((x * 2 + total, total + x.sum(0)))
+        total = outputs[-1][1]
+    return outputs, total
+
+
+def test_io_aliases_carry_state_between_calls_and_through_save(tmp_path, caplog):
+    x = torch.randn(BATCH, HIDDEN, generator=torch.Generator().manual_seed(3))
+    calls = [x, x + 1, x * 3]
+    expected, total = _running_total_reference(calls, torch.zeros(HIDDEN))
+    with caplog.at_level("WARNING", logger="neuronx_distributed.trace"):
+        model = parallel_model_trace(
+            build_running_total, example_inputs=x, tp_degree=2, serialization_path=tmp_path / "traced",
+            compiler_workdir=tmp_path / "neuron", compiler_args="--model-type=transformer",
+            inline_weights_to_neff=False, max_parallel_compilations=1,
+        )
+    ignored = [record.getMessage() for record in caplog.records if "ignoring Neuron-compiler" in record.getMessage()]
+    assert len(ignored) == 1 and all(
+        name in ignored[0] for name in ("compiler_workdir", "compiler_args", "inline_weights_to_neff", "max_parallel_compilations")
+    ), ignored
+    with model:
+        for call, (first, second) in zip(calls, expected):
+            outputs = model(call)
+            torch.testing.assert_close(outputs[0], first, **TOL)
+            torch.testing.assert_close(outputs[1], second, **TOL)
+        parallel_model_save(model, tmp_path / "after_calls")
+    assert json.loads((tmp_path / "traced" / "traced_model.json").read_text())["io_aliases"] == {"model.total": 1}
+    # The save after the calls holds the running total; a loaded model goes on from there.
+    with parallel_model_load(tmp_path / "after_calls") as loaded:
+        outputs = loaded(x)
+    torch.testing.assert_close(outputs[0], x * 2 + total, **TOL)
+    torch.testing.assert_close(outputs[1], total + x.sum(0), **TOL)
+
+
+def test_trace_arguments_that_cannot_work_fail_before_starting_workers():
+    x = _example_input()
+    with pytest.raises(TraceFunctionError, match="checkpoint_loader_callable"):
+        parallel_model_trace(build_block, x, tp_degree=2, spmd_mode=True, checkpoint_loader_callable=dict)
+    with pytest.raises(TraceFunctionError, match="not both"):
+        parallel_model_trace(build_block, x, tp_degree=2, example_inputs=x)
+    with pytest.raises(TraceFunctionError, match="call_timeout_s"):
+        parallel_model_trace(build_block, x, tp_degree=2, call_timeout_s=0)
+
+
+def _stopped_worker_call(model, message: str) -> None:
+    """Stop tp rank 1 with SIGSTOP and call: the call must raise, and every worker must be gone."""
+    pids = model.worker_pids
+    os.kill(pids[1], signal.SIGSTOP)
+    # If the detection regressed, the call would wait for the stopped rank (gloo's 30-minute default):
+    # resume it after a while, so that the call then returns and pytest.raises fails instead of hanging.
+    resume = threading.Timer(CALL_TIMEOUT_S, lambda: os.kill(pids[1], signal.SIGCONT))
+    resume.start()
+    try:
+        with pytest.raises(WorkerTimeoutError, match=message):
+            model(_example_input())
+    finally:
+        resume.cancel()
+    _assert_processes_gone(pids)
+    with pytest.raises(TracedModelClosedError):
+        model(_example_input())
+
+
+def test_stopped_worker_ends_the_call_with_a_typed_error(traced_tp2, tmp_path):
+    parallel_model_save(traced_tp2, tmp_path / "tp_models")
+    with parallel_model_load(tmp_path / "tp_models") as model:
+        _stopped_worker_call(model, "tp rank 1 of 2 .* is stopped")
+    # A call timeout shorter than the stop detection: the call ends at the timeout, saying so.
+    with parallel_model_load(tmp_path / "tp_models", call_timeout_s=0.1) as model:
+        _stopped_worker_call(model, "call_timeout_s=0.1")
