@@ -254,8 +254,26 @@ def test_timeout_is_configurable(pools):
     pools.run(2, 2, run_timeout_settings)
 
 
-def test_no_segment_is_left_in_dev_shm_by_the_runs_above(pools):
-    # Names are nxd-<uid>-<pid namespace>-<creator pid>-<token>; the workers are still alive.
+def run_groups_and_list_mapped_segments() -> dict:
+    """Set up shared memory for three groups of this job; return the segments this process maps."""
+    _set_backend("shm")
+    try:
+        for group in (dist.new_group([0, 1]), dist.new_group([0, 1]), parallel_state.get_tensor_model_parallel_group()):
+            comm.all_reduce(torch.ones(8), group=group)
+    finally:
+        _set_backend("auto")
+    with open("/proc/self/maps") as maps:
+        mapped = {line.split("/dev/shm/", 1)[1].split()[0] for line in maps if f"/dev/shm/nxd-{os.getuid()}-" in line}
+    return {"pid": os.getpid(), "mapped": sorted(mapped)}
+
+
+def test_segments_in_use_have_no_name_left_in_dev_shm(pools):
+    # Names are nxd-<uid>-<pid namespace>-<creator pid>-<token>. The workers are alive and map the
+    # segments of the groups they just used: each segment exists, and its name must already be gone.
+    results = pools.run(2, 2, run_groups_and_list_mapped_segments)
+    mapped = {name for got in results for name in got["mapped"]}
+    assert all(len(got["mapped"]) >= 3 for got in results), results
+    assert [name for name in mapped if os.path.exists(os.path.join("/dev/shm", name))] == []
     workers = {pid for world in (2, WORLD) for pid in pools.get(world).run(os.getpid)}
     leftovers = [
         name
