@@ -82,6 +82,20 @@ def set_tensor_model_parallel_attributes(
     tensor.num_partitions = num_partitions
 
 
+def set_defaults_if_not_set_tensor_model_parallel_attributes(tensor: torch.Tensor) -> None:
+    """Give `tensor` each TP attribute it lacks, with the value of a replicated tensor (not sharded, dim -1, stride 1)."""
+    defaults = {"tensor_model_parallel": False, "partition_dim": -1, "partition_stride": 1, "num_partitions": 1}
+    for attribute, value in defaults.items():
+        if not hasattr(tensor, attribute):
+            setattr(tensor, attribute, value)
+
+
+def copy_tensor_model_parallel_attributes(destination_tensor: torch.Tensor, source_tensor: torch.Tensor) -> None:
+    """Give `destination_tensor` the TP attributes `source_tensor` carries (none copied where it has none)."""
+    for attribute, value in tensor_model_parallel_attributes(source_tensor).items():
+        setattr(destination_tensor, attribute, value)
+
+
 def tensor_model_parallel_attributes(param: torch.Tensor) -> dict:
     """The sharding attributes a parameter carries (empty when it carries none)."""
     return {name: getattr(param, name) for name in TENSOR_PARALLEL_ATTRIBUTES if hasattr(param, name)}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_buffer_registration_hook, register_module_parameter_registration_hook
 
-from ..parallel_layers.device import move_model_to_device
+from ..parallel_layers.utils import move_model_to_device
 
 __all__ = ["init_on_device", "move_model_to_device"]
 
