@@ -10,6 +10,8 @@ guard must fail with a clear error.
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -354,6 +356,8 @@ def test_trace_arguments_that_cannot_work_fail_before_starting_workers():
         parallel_model_trace(build_block, x, tp_degree=2, example_inputs=x)
     with pytest.raises(TraceFunctionError, match="call_timeout_s"):
         parallel_model_trace(build_block, x, tp_degree=2, call_timeout_s=0)
+    with pytest.raises(TraceFunctionError, match="threads_per_worker"):
+        parallel_model_trace(build_block, x, tp_degree=2, threads_per_worker=-1)
 
 
 def _stopped_worker_call(model, message: str) -> None:
@@ -381,3 +385,16 @@ def test_stopped_worker_ends_the_call_with_a_typed_error(traced_tp2, tmp_path):
     # A call timeout shorter than the stop detection: the call ends at the timeout, saying so.
     with parallel_model_load(tmp_path / "tp_models", call_timeout_s=0.1) as model:
         _stopped_worker_call(model, "call_timeout_s=0.1")
+    # A call interrupted (Ctrl-C) while the workers run: its late replies must never answer the next call.
+    with parallel_model_load(tmp_path / "tp_models", call_timeout_s=None) as model:
+        pids = model.worker_pids
+        os.kill(pids[1], signal.SIGSTOP)  # holds the call until the interrupt arrives
+        interrupt = threading.Timer(0.2, _thread.interrupt_main)
+        interrupt.start()
+        with pytest.raises(KeyboardInterrupt):
+            model(_example_input())
+        interrupt.join()
+        with contextlib.suppress(ProcessLookupError):  # gone if the interrupt stopped every worker
+            os.kill(pids[1], signal.SIGCONT)
+        with pytest.raises(TracedModelClosedError, match="interrupted by KeyboardInterrupt"):
+            model(_example_input())

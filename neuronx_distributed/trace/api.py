@@ -82,6 +82,7 @@ def parallel_model_trace(
     inputs = _inputs_argument(inputs, example_inputs)
     _check_tp_degree(tp_degree)
     _check_call_timeout(call_timeout_s)
+    _check_threads(threads_per_worker)
     _note_neuron_only_arguments(
         states=states, compiler_workdir=compiler_workdir, compiler_args=compiler_args,
         inline_weights_to_neff=inline_weights_to_neff, bucket_config=bucket_config,
@@ -155,6 +156,7 @@ def parallel_model_load(
     """
     exit_if_spawned_main("parallel_model_load")
     _check_call_timeout(call_timeout_s)
+    _check_threads(threads_per_worker)
     load_dir = Path(load_dir).absolute()
     manifest = read_manifest(load_dir)
     jobs = [LoadJob(str(load_dir), record, manifest.inputs, manifest.outputs, manifest.io_aliases)
@@ -175,6 +177,16 @@ def _inputs_argument(inputs, example_inputs):
 def _check_tp_degree(tp_degree) -> None:
     if not isinstance(tp_degree, int) or isinstance(tp_degree, bool) or tp_degree < 1:
         raise ParallelSizeError(f"tp_degree must be a positive int, got {tp_degree!r}.")
+
+
+def _check_threads(threads_per_worker) -> None:
+    if threads_per_worker is not None and (
+        isinstance(threads_per_worker, bool) or not isinstance(threads_per_worker, int) or threads_per_worker < 1
+    ):
+        raise TraceFunctionError(
+            f"threads_per_worker must be a positive int (or None: the cores divided among the workers), "
+            f"got {threads_per_worker!r}."
+        )
 
 
 def _check_call_timeout(call_timeout_s) -> None:

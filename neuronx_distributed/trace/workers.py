@@ -11,6 +11,7 @@ about a second. Every worker is stopped before any of these errors is raised.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import selectors
@@ -99,22 +100,38 @@ class WorkerGroup:
     def step(self) -> None:
         """Run one call: every worker runs its program on the arena's inputs."""
         self.check_open()
-        for rank, conn in enumerate(self._conns):
-            try:
-                conn.send_bytes(protocol.STEP)
-            except OSError:
-                self._raise_crash(rank)
-        self._collect(timeout_s=self.call_timeout_s)
+        with self._stopped_if_interrupted():
+            for rank, conn in enumerate(self._conns):
+                try:
+                    conn.send_bytes(protocol.STEP)
+                except OSError:
+                    self._raise_crash(rank)
+            self._collect(timeout_s=self.call_timeout_s)
 
     def command(self, *command) -> list:
         """Send a pickled command to every worker; return their replies in rank order."""
         self.check_open()
-        for rank, conn in enumerate(self._conns):
-            try:
-                protocol.send_command(conn, command)
-            except OSError:
-                self._raise_crash(rank)
-        return [protocol.payload(message) for message in self._collect()]
+        with self._stopped_if_interrupted():
+            for rank, conn in enumerate(self._conns):
+                try:
+                    protocol.send_command(conn, command)
+                except OSError:
+                    self._raise_crash(rank)
+            return [protocol.payload(message) for message in self._collect()]
+
+    @contextlib.contextmanager
+    def _stopped_if_interrupted(self):
+        """Stop the workers if the wait for their replies ends early (Ctrl-C, an error in this process).
+
+        Their late replies would otherwise answer the next call, which would then
+        return the previous call's outputs (or half-written ones).
+        """
+        try:
+            yield
+        except BaseException as error:
+            if not self.closed:
+                self.kill(f"a call was interrupted by {type(error).__name__}")
+            raise
 
     def close(self) -> None:
         """Ask the workers to exit, wait for them, kill any that do not."""
