@@ -8,6 +8,12 @@
 Each worker is a spawned process (one per TP rank, with its own process group and
 parallel_state) that exports its shard with torch.export; the collectives of the
 parallel layers are ops of the exported program.
+
+A saved folder is data, never code: `parallel_model_load` checks the manifest
+against its schema and every archive against what `parallel_model_save` writes,
+and refuses anything torch would unpickle or execute (UnsafeTracedModelError).
+A call that a stopped or stuck worker holds up ends with WorkerTimeoutError
+(`call_timeout_s`); a call after `close()` raises TracedModelClosedError.
 """
 
 from .api import parallel_model_load, parallel_model_save, parallel_model_trace

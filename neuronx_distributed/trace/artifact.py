@@ -19,6 +19,7 @@ crash or power loss. Only then are the previous save's files deleted.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -158,11 +159,10 @@ def open_regular_file(path: Path, size: int | None, max_size: int | None = None)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as error:
         raise TracedModelNotFoundError(f"the traced model's file {str(path)!r} is missing; save the model again.") from error
-    except OSError as error:  # ELOOP: a symlink; others: a file that cannot be opened
-        raise TracedModelCorruptError(
-            f"{str(path)!r} cannot be opened as a plain file ({error.strerror}); a traced model's files are regular "
-            "files inside its folder, never symlinks. Save the model again."
-        ) from error
+    except OSError as error:
+        why = ("it is a symlink; a traced model's files are regular files inside its folder, never symlinks. "
+               "Save the model again" if error.errno == errno.ELOOP else f"{error.strerror}; check its permissions")
+        raise TracedModelCorruptError(f"{str(path)!r} cannot be opened as a plain file: {why}.") from error
     file = os.fdopen(fd, "rb")
     info = os.fstat(fd)
     problem = None
