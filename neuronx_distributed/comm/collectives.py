@@ -46,7 +46,10 @@ def shm_engine_available() -> bool:
 
 def backend_choice() -> str:
     """The engine choice from NXD_COMM_BACKEND: auto (default), shm or torch."""
-    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    text = os.environ.get(BACKEND_ENV, "auto")
+    if text in _BACKEND_CHOICES:  # read on every collective: skip the normalizing when it is not needed
+        return text
+    choice = text.strip().lower() or "auto"
     if choice not in _BACKEND_CHOICES:
         raise CollectiveError(f"{BACKEND_ENV}={choice!r} is not one of {', '.join(_BACKEND_CHOICES)}.")
     return choice
@@ -84,10 +87,31 @@ def _engine_for_call(
     `invalid` is this rank's error for its input, raised here once the peers know.
     """
     choice = backend_choice()
+    shm = _shm_engine
+    if invalid is None and choice != "torch" and shm is not None and shm.supports(tensor, group):
+        return shm  # the fast path: as cheap as before the announcements existed
     if choice == "torch":
         if invalid is not None:
             raise invalid
         return _torch_engine
+    # Whether shared memory serves the group depends on the group alone (and the tensor being on CPU,
+    # which all ranks of a call share), never on this rank's dtype: every rank reaches the same answer.
+    on_cpu = not isinstance(tensor, torch.Tensor) or tensor.device.type == "cpu"  # a non-tensor is refused below
+    served = shm is not None and on_cpu and shm.serves(group)
+    if invalid is None and choice == "shm":
+        invalid = _shm_refusal(tensor)
+    if served and not torch.compiler.is_compiling():
+        count = tensor.numel() if isinstance(tensor, torch.Tensor) else 0
+        reason = "invalid_input" if invalid is not None else "other_engine"
+        try:
+            shm.announce_elsewhere(group, collective, reason, count, op, root)
+        except CollectiveError as disagreement:
+            if invalid is not None:
+                raise invalid from disagreement
+            raise
+    if invalid is not None:
+        raise invalid
+    return _torch_engine
     shm = _shm_engine
     # Whether shared memory serves the group depends on the group alone (and the tensor being on CPU,
     # which all ranks of a call share), never on this rank's dtype: every rank reaches the same answer.
@@ -178,23 +202,20 @@ def _resolve_op(op) -> dist.ReduceOp:
     return op
 
 
-def _checked(check, *args):
-    """(value, None) from `check(*args)`, or (None, the typed error it raised): raised later, once peers know."""
-    try:
-        return check(*args), None
-    except NeuronxDistributedError as error:
-        return None, error
-
-
 def all_reduce(tensor: torch.Tensor, op="sum", group=None) -> torch.Tensor:
     """Reduce `tensor` over the group in place (sum or max) and return it."""
     group = _resolve_group(group)
     if group.size() == 1:
         _resolve_op(op)
         return tensor
-    resolved, invalid = _checked(_resolve_op, op)
-    invalid = invalid or _checked(_check_writable, tensor)[1]
-    engine = _engine_for_call("all_reduce", tensor, group, op=resolved or dist.ReduceOp.SUM, invalid=invalid)
+    # A typed error for this rank's input is raised by _engine_for_call, once the peers know of it.
+    resolved, invalid = dist.ReduceOp.SUM, None
+    try:
+        resolved = _resolve_op(op)
+        _check_writable(tensor)
+    except NeuronxDistributedError as error:
+        invalid = error
+    engine = _engine_for_call("all_reduce", tensor, group, op=resolved, invalid=invalid)
     _record("all_reduce", engine, tensor)
     if tensor.is_contiguous():
         engine.all_reduce_(tensor, resolved, group)
@@ -211,7 +232,11 @@ def all_gather(tensor: torch.Tensor, dim: int = -1, group=None) -> torch.Tensor:
     world = group.size()
     if world == 1:
         return tensor
-    dim, invalid = _checked(_check_dim, tensor, dim)
+    invalid = None
+    try:
+        dim = _check_dim(tensor, dim)
+    except NeuronxDistributedError as error:
+        invalid = error
     engine = _engine_for_call("all_gather", tensor, group, invalid=invalid)
     _record("all_gather", engine, tensor)
     stacked = engine.all_gather(tensor.contiguous(), group)  # (world, *shape)
@@ -227,10 +252,13 @@ def reduce_scatter(tensor: torch.Tensor, dim: int = -1, op="sum", group=None) ->
     if world == 1:
         _resolve_op(op)
         return tensor
-    resolved, invalid = _checked(_resolve_op, op)
-    dim, dim_invalid = _checked(_check_scatter_dim, tensor, dim, world)
-    invalid = invalid or dim_invalid
-    engine = _engine_for_call("reduce_scatter", tensor, group, op=resolved or dist.ReduceOp.SUM, invalid=invalid)
+    resolved, invalid = dist.ReduceOp.SUM, None
+    try:
+        resolved = _resolve_op(op)
+        dim = _check_scatter_dim(tensor, dim, world)
+    except NeuronxDistributedError as error:
+        invalid = error
+    engine = _engine_for_call("reduce_scatter", tensor, group, op=resolved, invalid=invalid)
     _record("reduce_scatter", engine, tensor)
     chunk = tensor.shape[dim] // world
     split = tensor.unflatten(dim, (world, chunk)).movedim(dim, 0).contiguous()
@@ -242,10 +270,13 @@ def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
     group = _resolve_group(group)
     if group.size() == 1:
         return tensor
-    group_src, invalid = _checked(_group_rank_of, group, src)
-    invalid = invalid or _checked(_check_writable, tensor)[1]
-    root = group_src if group_src is not None else -1
-    engine = _engine_for_call("broadcast", tensor, group, root=root, invalid=invalid)
+    group_src, invalid = -1, None
+    try:
+        group_src = _group_rank_of(group, src)
+        _check_writable(tensor)
+    except NeuronxDistributedError as error:
+        invalid = error
+    engine = _engine_for_call("broadcast", tensor, group, root=group_src, invalid=invalid)
     _record("broadcast", engine, tensor)
     if tensor.is_contiguous():
         engine.broadcast_(tensor, group_src, group)

@@ -22,11 +22,11 @@ class ShmEngine:
     name = "shm"
 
     def supports(self, tensor: torch.Tensor, group: dist.ProcessGroup) -> bool:
-        """CPU tensor of a supported dtype, and every rank of `group` on this host (`serves` and `runs`).
+        """CPU tensor of a supported dtype, and every rank of `group` on this host (`runs` and `serves`).
 
-        The first call for a group with a CPU tensor is collective over it (see `serves`).
+        The first call for a group with such a tensor is collective over it (see `serves`).
         """
-        return tensor.device.type == "cpu" and self.serves(group) and self.runs(tensor)
+        return self.runs(tensor) and self.serves(group)
 
     def serves(self, group: dist.ProcessGroup) -> bool:
         """Whether every rank of `group` is on this host: the same answer on every rank of the group.
