@@ -253,7 +253,10 @@ def test_zero1_state_dict_round_trip_resumes_exactly(pools, world_size, tp, dtyp
 
 
 def _case_missing_gradients():
-    """A parameter without a gradient anywhere is skipped; one with a gradient on DP rank 0 only is averaged with zeros."""
+    """A parameter without a gradient anywhere is skipped; one with a gradient on DP rank 0 only is averaged with zeros.
+
+    Between steps the parameter is overwritten outside the optimizer: the next step starts from the new value.
+    """
     dp_size, dp_rank = parallel_state.get_data_parallel_size(), parallel_state.get_data_parallel_rank()
     unused = nn.Parameter(torch.ones(3))
     partial = nn.Parameter(torch.ones(5))
@@ -261,7 +264,11 @@ def _case_missing_gradients():
     ref_partial = nn.Parameter(torch.ones(5))
     ref_opt = torch.optim.SGD([ref_partial], lr=0.1, momentum=0.9)
     opt = NeuronZero1Optimizer([unused, partial], torch.optim.SGD, grad_clipping=False, lr=0.1, momentum=0.9)
-    for _ in range(3):
+    for step in range(3):
+        if step == 2:  # parameters set outside step() (e.g. loaded from a checkpoint) are what the next step starts from
+            with torch.no_grad():
+                partial.fill_(3.0)
+                ref_partial.fill_(3.0)
         opt.zero_grad()
         if dp_rank == 0:
             (partial * weight).sum().backward()
