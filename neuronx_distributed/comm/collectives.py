@@ -112,27 +112,6 @@ def _engine_for_call(
     if invalid is not None:
         raise invalid
     return _torch_engine
-    shm = _shm_engine
-    # Whether shared memory serves the group depends on the group alone (and the tensor being on CPU,
-    # which all ranks of a call share), never on this rank's dtype: every rank reaches the same answer.
-    on_cpu = not isinstance(tensor, torch.Tensor) or tensor.device.type == "cpu"  # a non-tensor is refused below
-    served = shm is not None and on_cpu and shm.serves(group)
-    if served and invalid is None and shm.runs(tensor):
-        return shm
-    if invalid is None and choice == "shm":
-        invalid = _shm_refusal(tensor)
-    if served and not torch.compiler.is_compiling():
-        count = tensor.numel() if isinstance(tensor, torch.Tensor) else 0
-        reason = "invalid_input" if invalid is not None else "other_engine"
-        try:
-            shm.announce_elsewhere(group, collective, reason, count, op, root)
-        except CollectiveError as disagreement:
-            if invalid is not None:
-                raise invalid from disagreement
-            raise
-    if invalid is not None:
-        raise invalid
-    return _torch_engine
 
 
 @dataclass

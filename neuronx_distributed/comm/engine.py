@@ -43,9 +43,6 @@ class SharedMemoryEngine(Engine, Protocol):
     def serves(self, group: dist.ProcessGroup) -> bool:
         """Whether the engine runs this group's collectives; the same answer on all its ranks."""
 
-    def runs(self, tensor: torch.Tensor) -> bool:
-        """Whether the engine runs collectives on this tensor (its device and dtype)."""
-
     def announce_elsewhere(
         self, group: dist.ProcessGroup, collective: str, reason: str, count: int, op: dist.ReduceOp, root: int
     ) -> None:
