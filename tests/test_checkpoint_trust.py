@@ -198,13 +198,17 @@ def test_failed_reshard_keeps_the_old_checkpoint_and_leaves_no_files(tp2, tmp_pa
 # ---------------------------------------------------------------- the manifest against its files
 
 
-def _case_load_unchanged_on_every_rank(save_dir: str, error_type: type, message: str):
+def _case_load_unchanged_on_every_rank(save_dir: str):
+    """(the error this rank's load raised, the parameters it changed anyway)."""
     torch.manual_seed(SEED + 1)
     model = Net(parallel=True)
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
-    with pytest.raises(error_type, match=message):
+    try:
         load(save_dir, model=model)
-    return [name for name, param in model.named_parameters() if not torch.equal(param, before[name])]
+        raised = None
+    except Exception as error:  # noqa: BLE001 - its type and message are the result
+        raised = (type(error).__name__, str(error))
+    return raised, [name for name, param in model.named_parameters() if not torch.equal(param, before[name])]
 
 
 def test_a_rank_file_that_disagrees_with_the_manifest_changes_no_model(pools, tp2, tmp_path):
@@ -214,10 +218,11 @@ def test_a_rank_file_that_disagrees_with_the_manifest_changes_no_model(pools, tp
     forged = _copy(tp2, tmp_path, "forged")
     target = os.path.join(forged, _manifest(forged)["files"][1]["path"])
     shutil.copyfile(os.path.join(other, _manifest(other)["files"][1]["path"]), target)
-    _rewrite_shard(target, **{fmt.SAVE_ID_KEY: _manifest(forged)["save_id"]})
+    _rewrite_shard(target, **{"nxd.save_id": _manifest(forged)["save_id"]})
     _record_files(forged)
-    changed = pools.run(2, 2, _case_load_unchanged_on_every_rank, forged, CheckpointError, "mlp.fc1.weight")
-    assert changed == [[], []]
+    for (error_type, message), changed in pools.run(2, 2, _case_load_unchanged_on_every_rank, forged):
+        assert changed == []
+        assert error_type == "CheckpointCorruptError" and "mlp.fc1.weight" in message, message
 
 
 def test_shard_files_swapped_with_their_checksums_are_refused(tp2, tmp_path):
@@ -348,8 +353,6 @@ _MUTATIONS = [
     (lambda raw: raw["tensors"]["model/mlp.fc1.weight"].update(shape=[31, 16]), r"fc1\.weight.*cannot have written"),
     (lambda raw: raw.update(surprise=1), "unknown fields \\['surprise'\\]"),
     (lambda raw: raw.update(extra=None), "extra"),
-    (lambda raw: raw.update(format="other"), "format"),
-    (lambda raw: raw.update(version=99), "upgrade neuronx_distributed"),
     (lambda raw: raw.update(version="1"), "upgrade neuronx_distributed"),
 ]
 
