@@ -37,6 +37,7 @@ class _Shard:
     master: torch.nn.Parameter
     chunk: int
     start: int  # where this rank's chunk begins in the flattened parameter
+    aliases_param: bool  # the master is a view of the parameter's own memory (same dtype, no padding)
 
     @property
     def owned(self) -> int:
@@ -58,7 +59,9 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
             on the whole model; ones that use per-tensor norms (LAMB) see chunks instead.
         optimizer_dtype: dtype of the chunks and the wrapped optimizer's state (default
             float32). For bfloat16 parameters this keeps fp32 master weights: updates too
-            small for bfloat16 accumulate in the masters.
+            small for bfloat16 accumulate in the masters. Where a parameter already has this
+            dtype and its size divides by the group size, its chunk is a view of the
+            parameter (no copy); otherwise the chunk is a padded copy.
         grad_clipping, max_norm: clip the gradients by their global 2-norm to `max_norm`
             (None means 1.0, as upstream). The norm is the unsharded model's: chunks are
             summed over the sharding group, parameters marked `tensor_model_parallel`
@@ -214,10 +217,17 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
         for param in group["params"]:
             if not isinstance(param, torch.Tensor) or not param.is_floating_point():
                 raise OptimizerConfigError(f"parameters must be floating-point tensors, got {type(param).__name__}.")
-            chunk = math.ceil(param.numel() / size)
-            master = torch.zeros(chunk, dtype=self.optimizer_dtype, device=param.device)
-            shard = _Shard(param, torch.nn.Parameter(master, requires_grad=param.requires_grad), chunk, rank * chunk)
-            shard.master.data[: shard.owned] = _owned_slice(shard).to(self.optimizer_dtype)
+            chunk, start = math.ceil(param.numel() / size), rank * math.ceil(param.numel() / size)
+            # Where the chunk needs neither a cast nor padding, the parameter itself is the master:
+            # the wrapped optimizer updates it in place and no copy of it is kept.
+            aliases = param.dtype == self.optimizer_dtype and param.is_contiguous() and param.numel() % size == 0
+            if aliases:
+                master = param.detach().view(-1)[start : start + chunk]
+            else:
+                master = torch.zeros(chunk, dtype=self.optimizer_dtype, device=param.device)
+            shard = _Shard(param, torch.nn.Parameter(master, requires_grad=param.requires_grad), chunk, start, aliases)
+            if not aliases:
+                shard.master.data[: shard.owned] = _owned_slice(shard).to(self.optimizer_dtype)
             shards.append(shard)
         return shards
 
@@ -282,7 +292,9 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
             dtype = self._grad_dtype(bucket[0])
             # Row r of the bucket holds chunk r of every gradient, side by side: reduce-scatter
             # along the rows leaves each rank with its own chunks of all of them.
-            rows = torch.cat([_padded_rows(s, s.param.grad, size, dtype) for s in bucket], dim=1)
+            rows = torch.empty(size, sum(s.chunk for s in bucket), dtype=dtype, device=bucket[0].param.device)
+            for shard, columns in zip(bucket, rows.split([s.chunk for s in bucket], dim=1)):
+                _write_padded_rows(columns, shard.param.grad)
             mine = comm.reduce_scatter(rows, dim=0, group=self._sharding_group).reshape(-1)
             mine = mine.to(self.optimizer_dtype).div_(size)
             for shard, grad in zip(bucket, mine.split([s.chunk for s in bucket])):
@@ -312,8 +324,11 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
             mine = torch.cat([s.master.detach().to(s.param.dtype) for s in bucket]).unsqueeze(0)
             rows = comm.all_gather(mine, dim=0, group=self._sharding_group)  # (group size, chunks of the bucket)
             for shard, columns in zip(bucket, rows.split([s.chunk for s in bucket], dim=1)):
-                full = columns.reshape(-1)[: shard.param.numel()]
-                shard.param.detach().copy_(full.view_as(shard.param))
+                target = shard.param.detach()
+                if target.is_contiguous() and columns.numel() == target.numel():
+                    target.view(columns.shape).copy_(columns)
+                else:
+                    target.copy_(columns.reshape(-1)[: target.numel()].view_as(target))
 
     # ----- state
 
@@ -375,7 +390,8 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
         except (KeyError, TypeError, ValueError) as torch_error:
             raise OptimizerStateError(f"the wrapped optimizer refused the state dict: {torch_error}") from torch_error
         for shard, master in zip(shards, masters):
-            shard.master.data.copy_(master)
+            if not shard.aliases_param:  # an aliasing master is the parameter, which the model's own load sets
+                shard.master.data.copy_(master)
         for group, inner_group in zip(self.param_groups, self.base_optimizer.param_groups):
             group.update(_hyperparameters(inner_group))
 
@@ -394,8 +410,10 @@ def _adopt_parameter_changes(shard: _Shard) -> None:
 
     An element is taken when the master, rounded to the parameter's dtype, no longer equals
     the parameter (e.g. after loading a model checkpoint); otherwise the master keeps its
-    extra precision.
+    extra precision. A master that aliases its parameter is always current.
     """
+    if shard.aliases_param:
+        return
     current = _owned_slice(shard)
     master = shard.master.data[: shard.owned]
     if master.dtype == current.dtype:
@@ -404,12 +422,16 @@ def _adopt_parameter_changes(shard: _Shard) -> None:
         master.copy_(torch.where(master.to(current.dtype) == current, master, current.to(master.dtype)))
 
 
-def _padded_rows(shard: _Shard, grad: torch.Tensor | None, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """The gradient (zeros when this rank has none) flattened, zero-padded and viewed as (size, chunk)."""
-    rows = torch.zeros(size * shard.chunk, dtype=dtype, device=shard.param.device)
-    if grad is not None:
-        rows[: grad.numel()] = grad.detach().reshape(-1)
-    return rows.view(size, shard.chunk)
+def _write_padded_rows(columns: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """Write the gradient (zeros when this rank has none), flattened and zero-padded, into (size, chunk) `columns`."""
+    if grad is None:
+        columns.zero_()
+    elif grad.numel() == columns.numel():
+        columns.copy_(grad.detach().reshape(columns.shape))
+    else:
+        padded = torch.zeros(columns.numel(), dtype=columns.dtype, device=columns.device)
+        padded[: grad.numel()] = grad.detach().reshape(-1)
+        columns.copy_(padded.view(columns.shape))
 
 
 def _buckets(shards: list[_Shard], cap_bytes: int, dtype_of) -> list[list[_Shard]]:
