@@ -8,12 +8,14 @@ optimizer steps on gradients that are slices of full reference gradients
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from models import MLP, SelfAttention, expected_shard
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -276,12 +278,36 @@ def test_optimizer_matched_by_param_names(pools, tmp_path):
     pools.run(2, 2, _case_load_and_compare, [save_dir])
 
 
-def test_no_pickle_in_our_format(saved):
-    for root, _, files in os.walk(saved[2]):
-        for name in files:
-            assert name.endswith((".json", ".safetensors")), name
-            with open(os.path.join(root, name), "rb") as file:
-                assert file.read(1) != b"\x80", f"{name} looks like a pickle"
+def _pickle_or_zip(data: bytes) -> bool:
+    """Whether `data` starts like a torch.save file: a zip archive (the default) or a pickle (protocol 2 to 5)."""
+    return data.startswith(b"PK\x03\x04") or (len(data) > 1 and data[0] == 0x80 and 2 <= data[1] <= 5)
+
+
+def test_no_pickle_in_our_format(saved, tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "zip.pt")
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("zip.pt", "legacy.pt"):  # the check recognises both kinds of torch.save file
+        assert _pickle_or_zip((tmp_path / name).read_bytes()), name
+    from neuronx_distributed.parallel_layers import checkpoint_format
+
+    for save_dir in saved.values():
+        manifest = checkpoint_format.read_manifest(save_dir)
+        for rank in range(manifest.tensor_parallel_size):
+            checkpoint_format.check_shard_file(save_dir, manifest, rank)
+        count = 0
+        for root, _, files in os.walk(save_dir):
+            for name in files:
+                path = os.path.join(root, name)
+                with open(path, "rb") as file:
+                    data = file.read()
+                assert not _pickle_or_zip(data), f"{path} is a zip archive or a pickle"
+                if name.endswith(".json"):
+                    json.loads(data)
+                else:
+                    assert name.endswith(".safetensors"), path
+                    assert set(load_file(path)) == set(safe_open(path, "pt").keys())
+                count += 1
+        assert count == 1 + manifest.tensor_parallel_size  # nothing else in the folder
 
 
 def test_values_outside_the_format_are_refused(tmp_path):

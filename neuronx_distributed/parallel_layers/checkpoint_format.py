@@ -328,7 +328,7 @@ def _check_header_tensors(header: dict, data_bytes: int) -> dict[str, tuple[str,
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise ValueError(f"tensor {name!r:.100} has a malformed entry")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in item_bytes:
+        if not isinstance(dtype, str) or dtype not in item_bytes:
             raise ValueError(f"tensor {name!r:.100} has dtype {dtype!r:.40}")
         if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
             raise ValueError(f"tensor {name!r:.100} has shape {shape!r:.80}")
