@@ -21,14 +21,41 @@ def _as_list(parameters) -> list[torch.Tensor]:
     return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
 
 
-def clip_grad_norm(parameters, max_norm: float, norm_type: float = 2, group=None) -> torch.Tensor:
-    """Clip gradients by their total norm over the whole (unsharded) model and return that norm.
+def get_grad_norm(
+    parameters,
+    norm_type: float = 2,
+    zero1_optimizer: bool = False,
+    zero1_optimizer_groups=None,
+    force_spmd: bool = True,
+    *,
+    group=None,
+) -> torch.Tensor:
+    """The total gradient norm over the whole (unsharded) model, as upstream's `grads.get_grad_norm`.
 
-    Sharded parameters contribute on every TP rank; replicated ones only on TP
-    rank 0, so each element is counted once. `norm_type` may be `inf`. Equals
-    `torch.nn.utils.clip_grad_norm_` on the unsharded model; the TP group
-    defaults to the one `parallel_state` set up.
+    Sharded parameters contribute on every TP rank; replicated ones only on TP rank 0,
+    so each element is counted once and the result equals
+    `torch.linalg.vector_norm` of every gradient of the unsharded model. `norm_type`
+    may be `inf`. With `zero1_optimizer=True` the parameters are this rank's ZeRO-1
+    shards and the norm is also summed over the data-parallel group;
+    `zero1_optimizer_groups` (rank lists) must then be
+    `parallel_state.get_data_parallel_group(as_list=True)` or None (upstream sums over
+    the world, the same total here since pipeline parallelism is 1).
+    `force_spmd`: upstream's choice between counting replicated gradients on every TP
+    rank divided by the TP size (True) or once (False); here they are always counted
+    once, exactly, so it has no effect. `group`: the TP group (default: parallel_state's).
+    Returns a 0-dim float32 tensor on the gradients' device.
     """
+    if zero1_optimizer_groups is not None:
+        if not zero1_optimizer:
+            raise ParallelSizeError(
+                "get_grad_norm got zero1_optimizer_groups with zero1_optimizer=False; pass zero1_optimizer=True "
+                "when the parameters are ZeRO-1 shards, or drop zero1_optimizer_groups."
+            )
+        if zero1_optimizer_groups != parallel_state.get_data_parallel_group(as_list=True):
+            raise ParallelSizeError(
+                "get_grad_norm: zero1_optimizer_groups must be parallel_state.get_data_parallel_group(as_list=True) "
+                f"(the groups NeuronZero1Optimizer shards over), got {zero1_optimizer_groups!r}."
+            )
     group = parallel_state.get_tensor_model_parallel_group() if group is None else group
     norm_type = float(norm_type)
     params = [p for p in _as_list(parameters) if p.grad is not None]
@@ -41,10 +68,32 @@ def clip_grad_norm(parameters, max_norm: float, norm_type: float = 2, group=None
     else:
         local = torch.zeros((), dtype=torch.float32, device=device)
     local = local.reshape(1)
-    if norm_type == float("inf"):
-        total_norm = comm.all_reduce(local, op="max", group=group)[0]
-    else:
-        total_norm = comm.all_reduce(local, op="sum", group=group)[0].pow(1.0 / norm_type)
+    op = "max" if norm_type == float("inf") else "sum"
+    total = comm.all_reduce(local, op=op, group=group)
+    if zero1_optimizer:
+        total = comm.all_reduce(total, op=op, group=parallel_state.get_data_parallel_group())
+    return total[0] if norm_type == float("inf") else total[0].pow(1.0 / norm_type)
+
+
+def clip_grad_norm(
+    parameters,
+    max_norm: float,
+    norm_type: float = 2,
+    zero1_optimizer: bool = False,
+    zero1_optimizer_groups=None,
+    force_spmd: bool = True,
+    *,
+    group=None,
+) -> torch.Tensor:
+    """Clip gradients by their total norm over the whole (unsharded) model and return that norm.
+
+    The norm is `get_grad_norm`'s (same arguments, upstream's signature); equals
+    `torch.nn.utils.clip_grad_norm_` on the unsharded model.
+    """
+    params = [p for p in _as_list(parameters) if p.grad is not None]
+    total_norm = get_grad_norm(
+        params, norm_type, zero1_optimizer, zero1_optimizer_groups, force_spmd, group=group
+    )
     # Clamped rather than compared, so that no device-to-host sync is needed (as torch does).
     clip_coef = (float(max_norm) / (total_norm + 1e-6)).clamp(max=1.0)
     for p in params:

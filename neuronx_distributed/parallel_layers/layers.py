@@ -94,7 +94,8 @@ def _check_last_dim(layer: str, input_: torch.Tensor, expected: int, hint: str) 
 def _initialize_parameter_cpu(
     param: torch.Tensor,
     partition_dim: int,
-    init_method,
+    num_partitions,
+    init_method=None,
     return_master_param: bool = False,
     *,
     param_dtype: torch.dtype = torch.float32,
@@ -102,12 +103,27 @@ def _initialize_parameter_cpu(
 ):
     """Fill `param` (already of its per-rank shape) with this rank's shard of a master initialized by `init_method`.
 
-    Upstream's helper: the master has `param`'s shape with `partition_dim` times the TP
-    size of `parallel_state`; it is built on every rank (same seed: same master), then
-    sliced as the layers slice it (`stride` blocks per rank). Marks `param` as sharded and
-    returns the master when `return_master_param`.
+    Upstream's helper, in both of its 2.x signatures: `(param, partition_dim, num_partitions,
+    init_method, return_master_param=False)` (current) and `(param, partition_dim,
+    init_method, return_master_param=False)` (earlier 2.x: a callable third argument).
+    The master has `param`'s shape with `partition_dim` times the TP size of
+    `parallel_state`; it is built on every rank (same seed: same master), then sliced as
+    the layers slice it (`stride` blocks per rank). `num_partitions` must be that TP size
+    (upstream only records it). Marks `param` as sharded and returns the master when
+    `return_master_param`.
     """
     world = parallel_state.get_tensor_model_parallel_size()
+    if callable(num_partitions):
+        num_partitions, init_method, return_master_param = world, num_partitions, bool(init_method or return_master_param)
+    if init_method is None or not callable(init_method):
+        raise LayerConfigError(
+            f"_initialize_parameter_cpu needs an init_method callable (e.g. torch.nn.init.normal_), got {init_method!r}."
+        )
+    if num_partitions != world:
+        raise LayerConfigError(
+            f"_initialize_parameter_cpu got num_partitions={num_partitions!r}, but the tensor parallel size is {world}; "
+            "pass parallel_state.get_tensor_model_parallel_size()."
+        )
     rank = parallel_state.get_tensor_model_parallel_rank()
     full_shape = list(param.shape)
     full_shape[partition_dim] *= world
@@ -130,7 +146,11 @@ def _replicated_parameter(tensor: torch.Tensor, world: int) -> nn.Parameter:
     return param
 
 
-class ColumnParallelLinear(_TensorParallelModule):
+class BaseParallelLinear(_TensorParallelModule):
+    """Upstream's common base of ColumnParallelLinear and RowParallelLinear, for `isinstance` checks."""
+
+
+class ColumnParallelLinear(BaseParallelLinear):
     """Y = XA + b with A split along its output dimension across the TP group.
 
     Each rank computes Y_i = X A_i (+ b_i). With `gather_output=True` the shards are
@@ -243,7 +263,7 @@ class ColumnParallelLinear(_TensorParallelModule):
         )
 
 
-class RowParallelLinear(_TensorParallelModule):
+class RowParallelLinear(BaseParallelLinear):
     """Y = XA + b with A split along its input dimension and X along its last.
 
     Each rank computes X_i A_i; the partial results are all-reduced and the
@@ -522,8 +542,12 @@ def _pair(value, name: str) -> tuple[int, int]:
     raise LayerConfigError(f"{name} must be an int or a tuple of two ints, got {value!r}.")
 
 
-class _ChannelParallelConv2d(_TensorParallelModule):
-    """torch.nn.Conv2d with its kernel sharded along output (dim 0) or input (dim 1) channels."""
+class BaseParallelConv(_TensorParallelModule):
+    """torch.nn.Conv2d with its kernel sharded along output (dim 0) or input (dim 1) channels.
+
+    Upstream's common base of the channel-parallel conv layers; code that finds them with
+    `isinstance` / `BaseParallelConv.__subclasses__()` works unchanged.
+    """
 
     def __init__(
         self,
@@ -575,7 +599,7 @@ class _ChannelParallelConv2d(_TensorParallelModule):
             )
 
 
-class OutputChannelParallelConv2d(_ChannelParallelConv2d):
+class OutputChannelParallelConv2d(BaseParallelConv):
     """torch.nn.Conv2d with its output channels sharded across the TP group (upstream's signature).
 
     Each rank computes its output channels (bias included); with `gather_output=True` they
@@ -617,7 +641,7 @@ class OutputChannelParallelConv2d(_ChannelParallelConv2d):
         return output
 
 
-class InputChannelParallelConv2d(_ChannelParallelConv2d):
+class InputChannelParallelConv2d(BaseParallelConv):
     """torch.nn.Conv2d with its input channels sharded across the TP group (upstream's signature).
 
     Each rank convolves its input channels; the partial outputs are all-reduced and the
