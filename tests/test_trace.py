@@ -70,7 +70,7 @@ class RunningTotal(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("total", torch.zeros(HIDDEN))
+        self.register_buffer("total", torch.zeros(HIDDEN), persistent=False)  # as KV caches are
 
     def forward(self, x):
         return x * 2 + self.total, self.total + x.sum(0)

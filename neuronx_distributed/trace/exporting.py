@@ -86,7 +86,7 @@ def check_aliases(program: torch.export.ExportedProgram, io_aliases: dict[str, i
                   where: str) -> None:
     """Raise TracedModelCorruptError unless every alias names a state tensor of the program and a matching output."""
     for name, index in io_aliases.items():
-        state = program.state_dict.get(name)
+        state = program.state_dict.get(name, program.constants.get(name))  # constants: non-persistent buffers
         if state is None or index >= len(outputs.specs) or TensorSpec.of(state) != outputs.specs[index]:
             raise TracedModelCorruptError(
                 f"{where}: the manifest's io_aliases entry {name!r} -> output {index} does not match the program's "
