@@ -26,7 +26,8 @@ def program_runner(program: torch.export.ExportedProgram) -> tuple[Callable[...,
     )
     if not direct:
         module = program.module()
-        return (lambda *args, **kwargs: tuple(module(*args, **kwargs))), module.state_dict(keep_vars=True)
+        states = dict([*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)])
+        return (lambda *args, **kwargs: tuple(module(*args, **kwargs))), states  # buffers: non-persistent too
     states = {**program.state_dict, **program.constants}
     graph = program.graph_module
     # Each lifted input in graph order: a state tensor, or None where the next user input goes.
