@@ -550,3 +550,44 @@ def test_save_into_a_file_raises_on_every_rank(pools, tmp_path):
     (tmp_path / "a_file").write_text("x")
     pools.run(2, 2, _case_save_into_a_file, str(tmp_path / "a_file"))
     assert (tmp_path / "a_file").read_text() == "x"
+
+
+# ---------------------------------------------------------------- unsharded checkpoints that users bring
+
+
+def test_hf_index_naming_a_file_outside_its_folder_is_refused(tmp_path):
+    torch.manual_seed(SEED)
+    state = Net(parallel=False).state_dict()
+    save_file(state, str(tmp_path / "outside.safetensors"), metadata={"format": "pt"})
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": dict.fromkeys(state, "../outside.safetensors")}))
+    torch.manual_seed(0)
+    model = Net(parallel=False)
+    with pytest.raises(CheckpointCorruptError, match="outside"):
+        load(str(folder), model=model, sharded=False)
+    (folder / "model.safetensors.index.json").write_text("{\"weight_map\": [1]}")
+    with pytest.raises(CheckpointCorruptError, match="not a valid safetensors index"):
+        load(str(folder), model=model, sharded=False)
+
+
+def _case_load_unsharded_fifo(path: str):
+    with pytest.raises(CheckpointCorruptError, match="not a regular file"):
+        load(path, model=Net(parallel=True), sharded=False)
+
+
+def test_unsharded_fifo_does_not_hang(pools, tmp_path):
+    os.mkfifo(tmp_path / "model.safetensors")
+    pools.run(1, 1, _case_load_unsharded_fifo, str(tmp_path / "model.safetensors"), timeout=60)
+    pools.run(1, 1, _case_load_unsharded_fifo, str(tmp_path), timeout=60)  # the HF folder form
+
+
+def test_unsharded_garbage_files_raise_typed_errors(tmp_path):
+    model = Net(parallel=False)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 not a zip")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("bad.safetensors", "bad.pt", "empty.pt"):
+        with pytest.raises(CheckpointCorruptError, match="not a readable"):
+            load(str(tmp_path / name), model=model, sharded=False)
