@@ -354,9 +354,11 @@ def _case_bad_input():
             raised[name] = "OptimizerConfigError"
         else:
             raised[name] = "nothing"
-    # The group still works afterwards: a valid optimizer steps.
+    # The group still works afterwards: a valid optimizer steps (one rank spells out the defaults, which agrees).
     param = nn.Parameter(torch.ones(4))
-    opt = NeuronZero1Optimizer([param], torch.optim.SGD, lr=0.1)
+    spelled = dict(sharding_groups=parallel_state.get_data_parallel_group(as_list=True), max_norm=None,
+                   optimizer_dtype=torch.float32) if torch.distributed.get_rank() == 0 else {}
+    opt = NeuronZero1Optimizer([param], torch.optim.SGD, lr=0.1, **spelled)
     param.grad = torch.ones(4)
     opt.step()
     with pytest.raises(OptimizerConfigError):

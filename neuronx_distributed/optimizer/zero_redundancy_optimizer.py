@@ -134,9 +134,13 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
                 raise OptimizerConfigError(f"params: {torch_error}") from torch_error
         except NeuronxDistributedError as local_error:
             error = local_error
+        # What the ranks compare: the arguments with their defaults filled in (None and its meaning agree).
         settings = (
-            getattr(optimizer_class, "__qualname__", repr(optimizer_class)), optimizer_dtype, grad_clipping, max_norm,
-            sharding_groups, grad_norm_groups, lazy_init, higher_cc_precision, sorted(defaults.items(), key=str),
+            getattr(optimizer_class, "__qualname__", repr(optimizer_class)),
+            getattr(self, "optimizer_dtype", optimizer_dtype), getattr(self, "max_norm", max_norm), grad_clipping,
+            parallel_state.get_data_parallel_group(as_list=True) if sharding_groups is None else sharding_groups,
+            parallel_state.get_tensor_model_parallel_group(as_list=True) if grad_norm_groups is None else grad_norm_groups,
+            lazy_init, higher_cc_precision, sorted(defaults.items(), key=str),
         )
         _agree(self._world_group, error, repr(settings), "the NeuronZero1Optimizer arguments")
         self.optimizer_class = optimizer_class
