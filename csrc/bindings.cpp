@@ -27,7 +27,7 @@ std::string describe_dtype(const nb::dlpack::dtype& dtype) {
   return code + std::to_string(dtype.bits);
 }
 
-nxd::DType reducible_dtype(const CpuTensor& tensor) {
+nxd::DType engine_dtype(const CpuTensor& tensor) {
   const nb::dlpack::dtype dtype = tensor.dtype();
   if (dtype.lanes == 1) {
     if (dtype.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float)) {
@@ -39,7 +39,7 @@ nxd::DType reducible_dtype(const CpuTensor& tensor) {
       return nxd::DType::BFloat16;
     }
   }
-  throw nb::type_error(("the shared-memory engine reduces float32, float64, bfloat16 and float16 tensors, not " +
+  throw nb::type_error(("the shared-memory engine runs float32, float64, bfloat16 and float16 tensors, not " +
                         describe_dtype(dtype) + "; cast the tensor or use the torch backend")
                            .c_str());
 }
@@ -95,16 +95,17 @@ void check_same_dtype(const CpuTensor& a, const CpuTensor& b, const char* what) 
 
 void all_gather(nxd::ShmGroup& group, const CpuTensor& input, CpuTensor& output) {
   check_same_dtype(input, output, "all_gather");
+  const nxd::DType dtype = engine_dtype(input);
   if (output.nbytes() != input.nbytes() * group.size()) {
     throw nb::value_error("all_gather: the output must hold group size times the input's elements");
   }
   nb::gil_scoped_release release;
-  group.all_gather(input.data(), output.data(), input.nbytes());
+  group.all_gather(input.data(), output.data(), input.nbytes(), dtype);
 }
 
 void reduce_scatter(nxd::ShmGroup& group, const CpuTensor& input, CpuTensor& output, const std::string& op) {
   check_same_dtype(input, output, "reduce_scatter");
-  const nxd::DType dtype = reducible_dtype(input);
+  const nxd::DType dtype = engine_dtype(input);
   const nxd::ReduceOp reduce = reduce_op(op);
   if (input.size() != output.size() * group.size()) {
     throw nb::value_error("reduce_scatter: the input must hold group size times the output's elements");
@@ -114,15 +115,16 @@ void reduce_scatter(nxd::ShmGroup& group, const CpuTensor& input, CpuTensor& out
 }
 
 void all_reduce(nxd::ShmGroup& group, CpuTensor& tensor, const std::string& op) {
-  const nxd::DType dtype = reducible_dtype(tensor);
+  const nxd::DType dtype = engine_dtype(tensor);
   const nxd::ReduceOp reduce = reduce_op(op);
   nb::gil_scoped_release release;
   group.all_reduce(tensor.data(), tensor.size(), dtype, reduce);
 }
 
 void broadcast(nxd::ShmGroup& group, CpuTensor& tensor, int root) {
+  const nxd::DType dtype = engine_dtype(tensor);
   nb::gil_scoped_release release;
-  group.broadcast(tensor.data(), tensor.nbytes(), root);
+  group.broadcast(tensor.data(), tensor.nbytes(), root, dtype);
 }
 
 void announce_elsewhere(nxd::ShmGroup& group, const std::string& collective, const std::string& reason,

@@ -124,8 +124,8 @@ std::string ShmGroup::Call::describe() const {
       case Collective::ReduceScatter:
         text << reduce_op_name(op) << ", " << dtype_name(dtype) << ", " << count << " elements";
         break;
-      case Collective::AllGather: text << count << " bytes"; break;
-      case Collective::Broadcast: text << count << " bytes from rank " << root; break;
+      case Collective::AllGather: text << dtype_name(dtype) << ", " << count << " bytes"; break;
+      case Collective::Broadcast: text << dtype_name(dtype) << ", " << count << " bytes from rank " << root; break;
       case Collective::Barrier: break;
     }
   }
@@ -444,10 +444,10 @@ void ShmGroup::all_reduce_chunk(char* data, size_t count, size_t element, DType 
   }
 }
 
-void ShmGroup::all_gather(const void* in, void* out, size_t bytes) {
+void ShmGroup::all_gather(const void* in, void* out, size_t bytes, DType dtype) {
   std::lock_guard<std::mutex> lock(mutex_);
   enter();
-  const Call call{Collective::AllGather, DType::Float32, ReduceOp::Sum, -1, bytes};
+  const Call call{Collective::AllGather, dtype, ReduceOp::Sum, -1, bytes};
   if (bytes == 0) {
     step(call);
     return;
@@ -491,13 +491,13 @@ void ShmGroup::reduce_scatter(const void* in, void* out, size_t count, DType dty
   }
 }
 
-void ShmGroup::broadcast(void* data, size_t bytes, int root) {
+void ShmGroup::broadcast(void* data, size_t bytes, int root, DType dtype) {
   std::lock_guard<std::mutex> lock(mutex_);
   enter();
   if (root < 0 || root >= size_) {
     throw UnsupportedArgument("broadcast root " + std::to_string(root) + " is outside " + label());
   }
-  const Call call{Collective::Broadcast, DType::Float32, ReduceOp::Sum, root, bytes};
+  const Call call{Collective::Broadcast, dtype, ReduceOp::Sum, root, bytes};
   if (bytes == 0) {
     step(call);
     return;

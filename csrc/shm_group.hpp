@@ -55,12 +55,13 @@ class ShmGroup {
 
   // In place on `data` (`count` elements); every rank ends with bit-identical results.
   void all_reduce(void* data, size_t count, DType dtype, ReduceOp op);
-  // `out` receives every rank's `bytes` of `in`, in rank order.
-  void all_gather(const void* in, void* out, size_t bytes);
+  // `out` receives every rank's `bytes` of `in`, in rank order. `dtype` is only compared across
+  // ranks, so that buffers of different element types but equal sizes fail instead of mixing.
+  void all_gather(const void* in, void* out, size_t bytes, DType dtype);
   // `in` holds size() rows of `count` elements; `out` receives the reduction of row rank().
   void reduce_scatter(const void* in, void* out, size_t count, DType dtype, ReduceOp op);
-  // Overwrites `data` with rank `root`'s bytes.
-  void broadcast(void* data, size_t bytes, int root);
+  // Overwrites `data` with rank `root`'s bytes (`dtype` as for all_gather).
+  void broadcast(void* data, size_t bytes, int root, DType dtype);
   void barrier();
 
   // Publishes, as one step, that this rank runs `collective` (on `count` elements) on another

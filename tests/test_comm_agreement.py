@@ -49,6 +49,8 @@ def _split_call(case: str):
         return lambda group: comm.all_reduce(torch.ones(3), op="sum" if first else "max", group=group)
     if case == "different broadcast sources":
         return lambda group: comm.broadcast(torch.ones(3), src=0 if first else 1, group=group)
+    if case == "all_gather of equal bytes in different dtypes":
+        return lambda group: comm.all_gather(torch.ones(4) if first else torch.ones(8, dtype=torch.float16), group=group)
     raise ValueError(case)
 
 
@@ -99,6 +101,12 @@ SPLIT_CASES = {
     "different broadcast sources": (
         ("CollectiveError", "issued different collectives"),
         ("CollectiveError", "issued different collectives"),
+    ),
+    # Both go to shared memory with 16 bytes each: before the dtype was compared, each rank got the other's
+    # bytes reinterpreted in its own dtype, silently.
+    "all_gather of equal bytes in different dtypes": (
+        ("CollectiveError", "all_gather(float32, 16 bytes) while rank 1 called all_gather(float16, 16 bytes)"),
+        ("CollectiveError", "all_gather(float16, 16 bytes) while rank 0 called all_gather(float32, 16 bytes)"),
     ),
 }
 

@@ -72,7 +72,7 @@ TEST(ShmGroup, AllReduceOfInexactValuesIsBitIdenticalOnEveryRank) {
         for (size_t i = 0; i < count; ++i) buffer.set(i, uniform(random) / 3);
         group->all_reduce(buffer.data(), count, dtype, ReduceOp::Sum);
         std::vector<unsigned char> every(buffer.nbytes() * world);
-        group->all_gather(buffer.data(), every.data(), buffer.nbytes());
+        group->all_gather(buffer.data(), every.data(), buffer.nbytes(), dtype);
         for (int r = 0; r < world; ++r) {
           if (std::memcmp(every.data() + r * buffer.nbytes(), buffer.data(), buffer.nbytes()) != 0) {
             return describe(dtype, count, world) + ": rank " + std::to_string(r) + " got different bits";
@@ -95,7 +95,7 @@ TEST(ShmGroup, AllGatherReduceScatterAndBroadcastMatchTheReference) {
           // all_gather: rank r's buffer lands at row r.
           TypedBuffer mine(dtype, count), gathered(dtype, count * world);
           for (size_t i = 0; i < count; ++i) mine.set(i, test_value(rank, i));
-          group->all_gather(mine.data(), gathered.data(), mine.nbytes());
+          group->all_gather(mine.data(), gathered.data(), mine.nbytes(), dtype);
           for (int r = 0; r < world; ++r) {
             for (size_t i = 0; i < count; ++i) {
               if (gathered.get(r * count + i) != test_value(r, i)) {
@@ -117,7 +117,7 @@ TEST(ShmGroup, AllGatherReduceScatterAndBroadcastMatchTheReference) {
           // broadcast from the last rank.
           TypedBuffer data(dtype, count);
           for (size_t i = 0; i < count; ++i) data.set(i, test_value(rank, i));
-          group->broadcast(data.data(), data.nbytes(), world - 1);
+          group->broadcast(data.data(), data.nbytes(), world - 1, dtype);
           for (size_t i = 0; i < count; ++i) {
             if (data.get(i) != test_value(world - 1, i)) return "broadcast " + describe(dtype, count, world);
           }
