@@ -114,6 +114,7 @@ def _io_worker(rank: int, world: int, root: str, layers: int, results: str) -> N
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{root}/store-io", rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(world)
+    torch.manual_seed(0)  # the same replicated weights on both TP ranks, as save checks
     model = BertLargeShapes(layers)
     sharded = os.path.join(root, "sharded")
     state = {"model": model.state_dict(), "epoch": 1}
@@ -143,6 +144,7 @@ def _rss_worker(rank: int, world: int, root: str, layers: int, results: str) -> 
     dist.init_process_group("gloo", init_method=f"file://{root}/store-rss", rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(world)
     before_model = _rss_mib("VmRSS")
+    torch.manual_seed(0)  # the same replicated weights on both TP ranks, as save checks
     model = BertLargeShapes(layers)
     _release_freed_memory()
     with_model = _rss_mib("VmRSS")

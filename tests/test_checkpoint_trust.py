@@ -268,6 +268,19 @@ def test_ranks_agree_on_taking_turns(pools, tmp_path):
     assert results[1] == (["epoch"], None)
 
 
+def _case_per_rank_shapes(save_dir: str):
+    """Each TP rank saves its own value of another shape; each gets its own back."""
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    _case_save_model(save_dir, extra={"mine": torch.full((rank + 1,), float(rank))})
+    return load(save_dir, model=Net(parallel=True))["mine"]
+
+
+def test_per_rank_values_of_different_shapes_load(pools, tmp_path):
+    """A per-rank ('local') tensor may differ in shape between rank files; the header check allows that."""
+    mine = pools.run(2, 2, _case_per_rank_shapes, str(tmp_path / "local"))
+    assert torch.equal(mine[0], torch.zeros(1)) and torch.equal(mine[1], torch.ones(2))
+
+
 # ---------------------------------------------------------------- manifest file entries
 
 

@@ -353,8 +353,9 @@ def check_shard_file(load_dir: str, manifest: Manifest, tp_rank: int) -> ShardFi
 
     Refused with CheckpointCorruptError unless it is a regular file inside the folder of
     the recorded size, written for this rank by this save (its metadata says so), whose
-    tensors are exactly those its structure names, each with the manifest's dtype and
-    this rank's shape. Reads only the header (no checksum: see `verify_file`).
+    tensors are exactly those its structure names, each (but per-rank `local` ones)
+    with the manifest's dtype and this rank's shape. Reads only the header (no
+    checksum: see `verify_file`).
     """
     entry = manifest.files[tp_rank]
     path = shard_path(load_dir, entry)
@@ -382,6 +383,8 @@ def check_shard_file(load_dir: str, manifest: Manifest, tp_rank: int) -> ShardFi
         recorded = manifest.tensors.get(name)
         if recorded is None:
             raise _corrupt(path, f"it holds {name!r:.100}, which the manifest does not list")
+        if recorded.layout == LOCAL:
+            continue  # each rank's own value: the manifest records TP rank 0's dtype and shape only
         expected = (SAFETENSORS_DTYPES[recorded.dtype][0], _local_shape(recorded, manifest.tensor_parallel_size))
         if tensors[name] != expected:
             raise _corrupt(

@@ -246,9 +246,11 @@ def _replicated_mismatch(name: str, per_rank: list, fingerprints: list[dict]) ->
         "a different value on TP rank 0 than"
     return ReplicatedMismatchError(
         f"model tensor '{name}' carries no tensor-parallel attributes, so it would be saved as replicated, but it has "
-        f"{what} on TP rank {differs}: it is a shard whose attributes were lost, which happens when the state dict "
-        "is copied or cast ({k: v.clone() ...}, .to(dtype), .bfloat16()). Save model.state_dict() itself (cast the "
-        "model, not its state dict); merging or resharding this checkpoint would give wrong tensors."
+        f"{what} on TP rank {differs}. Either it is a shard whose attributes were lost, which happens when the state "
+        "dict is copied or cast ({k: v.clone() ...}, .to(dtype), .bfloat16()): save model.state_dict() itself (cast "
+        "the model, not its state dict); or the TP ranks' copies of a replicated weight differ, which happens when "
+        "the ranks built the model without the same seed: seed every rank alike before building it. Saved as is, "
+        "merging or resharding this checkpoint would give wrong tensors."
     )
 
 
