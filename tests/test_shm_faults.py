@@ -1,5 +1,5 @@
 """Failure cases of the shared-memory engine with real processes: a rank killed with SIGKILL,
-a stalled rank, and segments left behind. Each case launches its own job (gloo over a file
+a stalled rank, a rank interrupted with Ctrl-C while it waits, and segments left behind. Each case launches its own job (gloo over a file
 store) because ranks die in it; every surviving rank must raise CollectiveError naming the
 group and the missing rank instead of hanging, and /dev/shm must end up clean.
 """

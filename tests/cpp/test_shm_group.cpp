@@ -333,6 +333,18 @@ TEST(ShmGroup, InterruptionCheckEndsAWaitAndThePeerLearnsWhy) {
   EXPECT_FALSE(segment_exists(name));
 }
 
+TEST(ShmGroup, InterruptedSetUpLeavesNoSegment) {
+  const std::string name = fresh_segment_name();
+  GroupConfig config;
+  config.segment = name;
+  config.global_ranks = {0, 1};
+  config.timeout_s = 60;
+  auto creator = ShmGroup::create(config);
+  creator->set_interruption_check([] { throw Interrupted{}; });
+  EXPECT_THROW(creator->wait_for_peers(), Interrupted);  // the peer never attaches: only the check ends the wait
+  EXPECT_FALSE(segment_exists(name));
+}
+
 TEST(ShmGroup, RankThatNeverAttachesFailsSetUpAndLeavesNoSegment) {
   const std::string name = fresh_segment_name();
   GroupConfig config;
