@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # permissions, disk full, a path that went away: the system's words suffice
         print(f"error: {error}; check the paths, their permissions and the free space.", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # merge and reshard remove what they wrote unless they had finished writing
+        print("interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from neuronx_distributed.errors import (
     ReplicatedMismatchError,
     ReshardError,
     TracedModelFolderError,
+    UnsafeCheckpointError,
 )
 from neuronx_distributed.parallel_layers import checkpoint_format as fmt
 from neuronx_distributed.parallel_layers import checkpoint_tools, load, save
@@ -604,3 +605,10 @@ def test_unsharded_garbage_files_raise_typed_errors(tmp_path):
     for name in ("bad.safetensors", "bad.pt", "empty.pt"):
         with pytest.raises(CheckpointCorruptError, match="not a readable"):
             load(str(tmp_path / name), model=model, sharded=False)
+
+
+def test_tensors_safetensors_cannot_hold_are_refused_before_writing(tmp_path):
+    for value in (torch.zeros(2, dtype=torch.complex128), torch.eye(2).to_sparse()):
+        with pytest.raises(UnsafeCheckpointError, match="safetensors cannot hold"):
+            save({"model": {"w": value}}, str(tmp_path / "odd"))
+        assert os.listdir(tmp_path / "odd") == []

@@ -50,6 +50,7 @@ from ..errors import (
     CheckpointShapeError,
     NeuronxDistributedError,
     ReplicatedMismatchError,
+    UnsafeCheckpointError,
 )
 from . import checkpoint_format as fmt
 from . import parallel_state
@@ -225,6 +226,12 @@ def _write_rank_shard(state, save_dir: str, model_key, placement: _Placement, sa
     check that they really are the same on every TP rank (`_global_entries`).
     """
     flat = flatten(state)
+    for name, tensor in flat.tensors.items():
+        if fmt.dtype_name(tensor.dtype) not in fmt.SAFETENSORS_DTYPES or tensor.layout != torch.strided:
+            raise UnsafeCheckpointError(
+                f"cannot save '{name}': a {tensor.layout} tensor of dtype {tensor.dtype}, which safetensors cannot hold "
+                f"(dense tensors of {sorted(fmt.SAFETENSORS_DTYPES)}); convert it before saving."
+            )
     layouts = _layouts(state, model_key)
     tensors = _storable(flat.tensors)
     model_names = _model_tensor_names(flat, state, model_key) if placement.tp_size > 1 else set()
