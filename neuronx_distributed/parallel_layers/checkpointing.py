@@ -1,13 +1,17 @@
 """`save` and `load`: sharded checkpoints across the TP x DP job, and unsharded ones into a sharded model.
 
-save: DP rank 0 of each TP rank writes its shard file (`checkpoint_format`);
-global rank 0 then writes the manifest, the step that makes the checkpoint
-visible, and every rank returns once it is (or raises the same error), the
-writers after deleting, in parallel, the files of the checkpoint it replaced.
+save: global rank 0 locks the folder (a concurrent save raises
+CheckpointBusyError); DP rank 0 of each TP rank writes its shard file
+(`checkpoint_format`); global rank 0 then writes the manifest, the step that
+makes the checkpoint visible, and every rank returns once it is (or raises the
+same error, the failed save's files removed), the writers after deleting, in
+parallel, the files of the checkpoint it replaced.
 
-load: every rank first checks what it will read (keys, shapes, TP degree,
-checksums) without touching the model; only when every rank passed does it
-read. Into a model, tensors are read and copied one at a time (peak memory: the
+load: every rank first checks what it will read (the manifest's schema, each
+shard file's header, TP rank and save against the manifest, keys, shapes, TP
+degree, checksums) without touching the model; only when every rank passed does
+it read, and every cross-rank step after that is decided from values that all
+ranks agreed on. Into a model, tensors are read and copied one at a time (peak memory: the
 model plus one tensor), every rank at once. A load that returns tensors beyond
 the model (optimizer state, or the whole dict without a model) holds up to a
 full shard, so there the ranks of each host take turns, one at a time: no two
