@@ -23,6 +23,7 @@ import torch.distributed as dist
 from .. import comm
 from ..errors import NeuronxDistributedError, OptimizerConfigError, OptimizerStateError
 from ..parallel_layers import parallel_state
+from ..parallel_layers.grads import buckets
 from ..parallel_layers.utils import is_tensor_parallel
 
 DEFAULT_BUCKET_CAP_MB = 25
@@ -439,20 +440,11 @@ def _write_padded_rows(columns: torch.Tensor, grad: torch.Tensor | None) -> None
 
 
 def _buckets(shards: list[_Shard], cap_bytes: int, dtype_of) -> list[list[_Shard]]:
-    """Shards grouped by (collective dtype, device), each bucket at most `cap_bytes` per rank's row set."""
-    by_kind: dict[tuple, list[list[_Shard]]] = {}
-    filled: dict[tuple, int] = {}
-    for shard in shards:
-        dtype = dtype_of(shard)
-        kind = (dtype, shard.param.device)
-        size = shard.param.numel() * dtype.itemsize
-        buckets = by_kind.setdefault(kind, [[]])
-        if buckets[-1] and filled[kind] + size > cap_bytes:
-            buckets.append([])
-            filled[kind] = 0
-        buckets[-1].append(shard)
-        filled[kind] = filled.get(kind, 0) + size
-    return [bucket for buckets in by_kind.values() for bucket in buckets]
+    """Shards grouped by (collective dtype, device), each bucket at most `cap_bytes` of whole parameters."""
+    return buckets(
+        shards, cap_bytes, lambda shard: (dtype_of(shard), shard.param.device),
+        lambda shard: shard.param.numel() * dtype_of(shard).itemsize,
+    )
 
 
 def _agree(group: dist.ProcessGroup, error: NeuronxDistributedError | None, description: str, what: str) -> None:

@@ -138,7 +138,8 @@ def _grads_agreed_across(params: list[torch.Tensor], group) -> list[torch.Tensor
 
 
 def _all_reduce_in_buckets(grads: list[torch.Tensor], group, bucket_bytes: int, divide_by: int) -> None:
-    for bucket in _buckets(grads, bucket_bytes):
+    by_dtype_and_device = buckets(grads, bucket_bytes, lambda g: (g.dtype, g.device), lambda g: g.numel() * g.element_size())
+    for bucket in by_dtype_and_device:
         flat = _flatten_dense_tensors(bucket)
         comm.all_reduce(flat, op="sum", group=group)
         if divide_by != 1:
@@ -184,19 +185,23 @@ def allreduce_sequence_parallel_gradients(optimizer: torch.optim.Optimizer, grou
     _all_reduce_in_buckets(_grads_agreed_across(params, group), group, bucket_bytes, divide_by=1)
 
 
-def _buckets(grads: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
-    """Group grads by (dtype, device) into buckets of at most `bucket_bytes` (a larger grad gets its own)."""
-    by_kind: dict[tuple, list[list[torch.Tensor]]] = {}
-    open_bytes: dict[tuple, int] = {}  # bytes in each kind's last bucket
-    for grad in grads:
-        kind, size = (grad.dtype, grad.device), grad.numel() * grad.element_size()
-        buckets = by_kind.setdefault(kind, [[]])
-        if buckets[-1] and open_bytes[kind] + size > bucket_bytes:
-            buckets.append([])
-            open_bytes[kind] = 0
-        buckets[-1].append(grad)
-        open_bytes[kind] = open_bytes.get(kind, 0) + size
-    return [bucket for buckets in by_kind.values() for bucket in buckets]
+def buckets(items: list, bucket_bytes: int, kind, nbytes) -> list[list]:
+    """`items` grouped by `kind(item)`, in order, into buckets of at most `bucket_bytes` (`nbytes(item)` each).
+
+    A single item larger than `bucket_bytes` gets a bucket of its own. Shared by the
+    DP gradient all-reduce here and ZeRO-1's reduce-scatter and all-gather.
+    """
+    by_kind: dict[object, list[list]] = {}
+    open_bytes: dict[object, int] = {}  # bytes in each kind's last bucket
+    for item in items:
+        key, size = kind(item), nbytes(item)
+        kind_buckets = by_kind.setdefault(key, [[]])
+        if kind_buckets[-1] and open_bytes[key] + size > bucket_bytes:
+            kind_buckets.append([])
+            open_bytes[key] = 0
+        kind_buckets[-1].append(item)
+        open_bytes[key] = open_bytes.get(key, 0) + size
+    return [bucket for kind_buckets in by_kind.values() for bucket in kind_buckets]
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, group=None, groups=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
