@@ -10,7 +10,6 @@ guard must fail with a clear error.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import hashlib
 import json
@@ -389,11 +388,16 @@ def test_stopped_worker_ends_the_call_with_a_typed_error(traced_tp2, tmp_path):
     with parallel_model_load(tmp_path / "tp_models", call_timeout_s=None) as model:
         pids = model.worker_pids
         os.kill(pids[1], signal.SIGSTOP)  # holds the call until the interrupt arrives
-        interrupt = threading.Timer(0.2, _thread.interrupt_main)
-        interrupt.start()
-        with pytest.raises(KeyboardInterrupt):
-            model(_example_input())
-        interrupt.join()
+        # Ctrl-C's handler, run by a kernel timer's signal: it interrupts the wait after 0.2 s however the
+        # threads are scheduled, well before the stop detection (two polls 0.5 s apart) could end the call.
+        previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(KeyboardInterrupt):
+                model(_example_input())
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
         with contextlib.suppress(ProcessLookupError):  # gone if the interrupt stopped every worker
             os.kill(pids[1], signal.SIGCONT)
         with pytest.raises(TracedModelClosedError, match="interrupted by KeyboardInterrupt"):
