@@ -91,3 +91,18 @@ def expected_shard(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_siz
         return full
     blocks = full.chunk(param.partition_stride * tp_size, dim=param.partition_dim)
     return torch.cat(blocks[tp_rank::tp_size], dim=param.partition_dim)
+
+
+def same_seed_twins(build, seed: int) -> tuple[nn.Module, nn.Module]:
+    """`build(parallel=False)` and `build(parallel=True)` from the same seed; each TP shard is checked to be
+    exactly its slice of the reference's parameter (initialization equivalence, bit for bit)."""
+    tp_size, tp_rank = parallel_state.get_tensor_model_parallel_size(), parallel_state.get_tensor_model_parallel_rank()
+    torch.manual_seed(seed)
+    reference = build(parallel=False)
+    torch.manual_seed(seed)
+    model = build(parallel=True)
+    ref_params, params = dict(reference.named_parameters()), dict(model.named_parameters())
+    assert ref_params.keys() == params.keys()
+    for name, param in params.items():
+        assert torch.equal(param, expected_shard(ref_params[name], param, tp_rank, tp_size)), name
+    return reference, model

@@ -15,7 +15,7 @@ from functools import partial
 import pytest
 import torch
 from conftest import TOPOLOGIES
-from models import MLP, SelfAttention, expected_shard
+from models import MLP, SelfAttention, expected_shard, same_seed_twins
 from torch import nn
 
 from neuronx_distributed import comm, parallel_state
@@ -111,14 +111,8 @@ def _case_train_step(case_name: str, max_norm: float, seed: int = 1234):
     tp_size, tp_rank = parallel_state.get_tensor_model_parallel_size(), parallel_state.get_tensor_model_parallel_rank()
     dp_size, dp_rank = parallel_state.get_data_parallel_size(), parallel_state.get_data_parallel_rank()
 
-    torch.manual_seed(seed)
-    reference = case.build(parallel=False)
-    torch.manual_seed(seed)
-    model = case.build(parallel=True)
+    reference, model = same_seed_twins(case.build, seed)
     ref_params, params = dict(reference.named_parameters()), dict(model.named_parameters())
-    assert ref_params.keys() == params.keys()
-    for name, param in params.items():  # initialization equivalence, bit for bit
-        assert torch.equal(param, expected_shard(ref_params[name], param, tp_rank, tp_size)), name
 
     generator = torch.Generator().manual_seed(seed + 1)
     if case.token_ids:
