@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from fuzzing import bit_flipped, truncated
 
 from neuronx_distributed.errors import NeuronxDistributedError
 from neuronx_distributed.parallel_layers import checkpoint_format as fmt
@@ -106,17 +107,16 @@ def test_manifest_parser_with_mutated_fields(raw):
 @FUZZ
 @given(st.data())
 def test_manifest_parser_with_damaged_text(data):
-    text = bytearray(fmt.Manifest.from_json(json.dumps(_valid_manifest())).to_json().encode())
+    text = fmt.Manifest.from_json(json.dumps(_valid_manifest())).to_json().encode()
     kind = data.draw(st.sampled_from(["truncate", "flip", "garbage"]))
     if kind == "truncate":
-        text = text[: data.draw(st.integers(0, len(text) - 1))]
+        text = truncated(data.draw, text)
     elif kind == "flip":
-        for _ in range(data.draw(st.integers(1, 4))):
-            text[data.draw(st.integers(0, len(text) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+        text = bit_flipped(data.draw, text, max_flips=4)
     else:
-        text = bytearray(data.draw(st.binary(max_size=200)))
+        text = data.draw(st.binary(max_size=200))
     try:
-        manifest = fmt.Manifest.from_json(bytes(text))
+        manifest = fmt.Manifest.from_json(text)
     except NeuronxDistributedError:
         return
     _check_parsed(manifest)
@@ -153,11 +153,9 @@ def damaged_shard(draw, original: bytes):
     kind = draw(st.sampled_from(["truncate", "flip", "overwrite", "header", "structure", "garbage"]))
     data = bytearray(original)
     if kind == "truncate":
-        return bytes(data[: draw(st.integers(0, len(data) - 1))])
+        return truncated(draw, original)
     if kind == "flip":  # mostly in the length prefix and the header, where the parsing is
-        for _ in range(draw(st.integers(1, 3))):
-            data[draw(st.integers(0, min(len(data), 8 + length + 16) - 1))] ^= 1 << draw(st.integers(0, 7))
-        return bytes(data)
+        return bit_flipped(draw, original, max_flips=3, within=8 + length + 16)
     if kind == "overwrite":
         start = draw(st.integers(0, len(data) - 1))
         chunk = draw(st.binary(min_size=1, max_size=32))

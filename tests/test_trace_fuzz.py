@@ -16,6 +16,7 @@ import zipfile
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from fuzzing import bit_flipped, truncated
 from test_trace_safety import HOSTILE, _CreatesMarker, _hostile, manifest_for, tiny_archive, write_folder
 
 from neuronx_distributed.errors import NeuronxDistributedError
@@ -79,17 +80,15 @@ def test_fuzz_manifest_fields(data, tmp_path_factory):
 @given(data=st.data())
 def test_fuzz_manifest_bytes(data, tmp_path_factory):
     folder = write_folder(tmp_path_factory.mktemp("fuzz"), ARCHIVE)
-    text = bytearray(json.dumps(manifest_for(ARCHIVE)).encode())
+    text = json.dumps(manifest_for(ARCHIVE)).encode()
     kind = data.draw(st.sampled_from(["truncate", "flip", "garbage"]))
     if kind == "truncate":
-        text = text[: data.draw(st.integers(0, len(text) - 1))]
+        text = truncated(data.draw, text)
     elif kind == "flip":
-        for _ in range(data.draw(st.integers(1, 8))):
-            position = data.draw(st.integers(0, len(text) - 1))
-            text[position] ^= 1 << data.draw(st.integers(0, 7))
+        text = bit_flipped(data.draw, text, max_flips=8)
     else:
-        text = bytearray(data.draw(st.binary(max_size=200)))
-    (folder / MANIFEST_NAME).write_bytes(bytes(text))
+        text = data.draw(st.binary(max_size=200))
+    (folder / MANIFEST_NAME).write_bytes(text)
     try:
         read_manifest(folder)
     except NeuronxDistributedError:
@@ -115,11 +114,9 @@ def test_fuzz_program_archive(data, tmp_path_factory):
     archive = bytearray(ARCHIVE)
     kind = data.draw(st.sampled_from(["truncate", "flip", "garbage", "member", "hostile"]))
     if kind == "truncate":
-        archive = archive[: data.draw(st.integers(0, len(archive) - 1))]
+        archive = bytearray(truncated(data.draw, archive))
     elif kind == "flip":
-        for _ in range(data.draw(st.integers(1, 16))):
-            position = data.draw(st.integers(0, len(archive) - 1))
-            archive[position] ^= 1 << data.draw(st.integers(0, 7))
+        archive = bytearray(bit_flipped(data.draw, archive, max_flips=16))
     elif kind == "garbage":
         start = data.draw(st.integers(0, len(archive) - 1))
         garbage = data.draw(st.binary(min_size=1, max_size=64))
