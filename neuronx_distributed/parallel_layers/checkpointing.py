@@ -63,6 +63,7 @@ from .sharded_source import ShardedSource
 from .state_tree import TensorRef, decode, flatten
 from .unsharded import open_unsharded
 from .utils import tensor_model_parallel_attributes
+from .weight_loading import get_weight_loader
 
 
 @dataclass(frozen=True)
@@ -595,10 +596,13 @@ def _load_unsharded(path, model, model_key, strict, placement):
     targets = model.state_dict(keep_vars=True)
     sources = _match_keys(model, targets, source.keys(), strict)
     plans = {}
+    loaders = {}
     for key, source_key in sources.items():
         target, shape = targets[key], source.shape(source_key)
         attributes = tensor_model_parallel_attributes(target)
-        if placement.tp_size > 1 and attributes.get("tensor_model_parallel"):
+        if get_weight_loader(target) is not None:
+            loaders[source_key] = (key, shape, get_weight_loader(target))
+        elif placement.tp_size > 1 and attributes.get("tensor_model_parallel"):
             dim, stride = attributes["partition_dim"], attributes["partition_stride"]
             if dim >= len(shape):
                 _check_shape(key, target, shape)
@@ -609,6 +613,11 @@ def _load_unsharded(path, model, model_key, strict, placement):
             _check_shape(key, target, shape)
 
     def read(source_key):
+        if source_key in loaders:
+            key, shape, loader = loaders[source_key]
+            shard = loader(shape, lambda dim, start, stop: source.read(source_key, dim, start, stop))
+            _check_shape(key, targets[key], list(shard.shape), shape)
+            return shard
         if source_key not in plans:
             return source.read(source_key)
         shape, dim, stride = plans[source_key]
