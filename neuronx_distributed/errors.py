@@ -33,6 +33,10 @@ class LayerFeatureNotSupportedError(NeuronxDistributedError, NotImplementedError
     """An upstream layer option this library accepts but does not implement for the given sizes (e.g. pad=True)."""
 
 
+class ParallelizePlanError(NeuronxDistributedError, ValueError):
+    """A tensor-parallel plan `parallelize` cannot apply: no plan, an unknown style, or a module the style cannot shard (named)."""
+
+
 class CollectiveError(NeuronxDistributedError, RuntimeError):
     """A collective that cannot run as asked (unsupported dtype, dead peer, timeout)."""
 
