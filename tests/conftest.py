@@ -7,15 +7,16 @@ TOPOLOGIES = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)]
 
 
 class Pools:
-    """One live WorkerPool per world size, replaced when a failure tore it down."""
+    """One live WorkerPool per world size, replaced when a failure tore it down (`pool_options`: WorkerPool's)."""
 
-    def __init__(self):
+    def __init__(self, **pool_options):
+        self._pool_options = pool_options
         self._pools: dict[int, WorkerPool] = {}
 
     def get(self, world_size: int) -> WorkerPool:
         pool = self._pools.get(world_size)
         if pool is None or not pool.alive:
-            pool = self._pools[world_size] = WorkerPool(world_size)
+            pool = self._pools[world_size] = WorkerPool(world_size, **self._pool_options)
         return pool
 
     def run(self, world_size: int, tensor_parallel_size: int, fn, *args, **kwargs) -> list:

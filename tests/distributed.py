@@ -20,14 +20,16 @@ DEFAULT_TIMEOUT_S = 300
 ERROR_GRACE_S = 10
 
 
-def _worker_main(rank: int, world_size: int, store_port: int, conn) -> None:
+def _worker_main(rank: int, world_size: int, store_port: int, conn, backend: str, cuda: bool) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    if cuda:  # one GPU: every rank on device 0; several: rank r on GPU r mod count (NCCL needs one each)
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     timeout = datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
     store = dist.TCPStore("127.0.0.1", store_port, world_size + 1, is_master=False, timeout=timeout)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     while True:
         message = conn.recv()
         if message is None:
@@ -45,9 +47,13 @@ class WorkerError(AssertionError):
 
 
 class WorkerPool:
-    """`world_size` spawned processes in one gloo world, kept alive between cases."""
+    """`world_size` spawned processes in one process group (gloo by default), kept alive between cases.
 
-    def __init__(self, world_size: int, env: dict[str, str] | None = None):
+    `backend` is init_process_group's ("cpu:gloo,cuda:nccl" for NCCL with CPU tensors still on gloo);
+    with `cuda` each rank selects its GPU before joining.
+    """
+
+    def __init__(self, world_size: int, env: dict[str, str] | None = None, backend: str = "gloo", cuda: bool = False):
         self.world_size = world_size
         # The rendezvous store lives here, in the parent, on a port the OS picks: no port race.
         self._store = dist.TCPStore(
@@ -61,7 +67,8 @@ class WorkerPool:
         try:
             for rank in range(world_size):
                 parent, child = context.Pipe()
-                proc = context.Process(target=_worker_main, args=(rank, world_size, self._store.port, child), daemon=True)
+                proc = context.Process(target=_worker_main, args=(rank, world_size, self._store.port, child, backend, cuda),
+                                       daemon=True)
                 proc.start()
                 self._conns.append(parent)
                 self._procs.append(proc)
