@@ -11,6 +11,11 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (now deprecated) to the *_single names;
+# torch before 2.13 (the GPU image's 2.11 among them) has only the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class Engine(Protocol):
     """What `comm` needs of a collective engine. All tensors are contiguous."""
@@ -60,12 +65,12 @@ class TorchEngine:
     def all_gather(self, tensor, group):
         world = dist.get_world_size(group)
         out = tensor.new_empty(world * tensor.numel())
-        dist.all_gather_single(out, tensor.reshape(-1), group=group)
+        _all_gather_single(out, tensor.reshape(-1), group=group)
         return out.view(world, *tensor.shape)
 
     def reduce_scatter(self, tensor, op, group):
         out = tensor.new_empty(tensor.shape[1:])
-        dist.reduce_scatter_single(out.view(-1), tensor.view(-1), op=op, group=group)
+        _reduce_scatter_single(out.view(-1), tensor.view(-1), op=op, group=group)
         return out
 
     def broadcast_(self, tensor, group_src, group):
