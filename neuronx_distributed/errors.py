@@ -57,6 +57,10 @@ class RNGStateTrackerError(NeuronxDistributedError, ValueError):
     """An RNG tracker state added twice (same name or seed), or forked or restored without being added."""
 
 
+class TrainerConfigError(NeuronxDistributedError, ValueError):
+    """A trainer config (`neuronx_distributed_config`) with an unknown key, a bad value, or settings that cannot work together."""
+
+
 class CheckpointError(NeuronxDistributedError):
     """Base class of the errors raised by `parallel_layers.save` and `load` and by `nxd checkpoint`."""
 
