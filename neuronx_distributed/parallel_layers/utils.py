@@ -19,7 +19,9 @@ from .. import comm
 from ..errors import InputShapeError, ParallelSizeError
 from . import parallel_state
 
-TENSOR_PARALLEL_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "num_partitions")
+# `partition_parts` (our addition, see resharding.Part): set where the partition dim is made of parts of
+# different sizes or of replicated KV heads, e.g. by modules.qkv_linear.
+TENSOR_PARALLEL_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "num_partitions", "partition_parts")
 # Attributes a parameter keeps when it is moved: its sharding, and whether sequence parallelism
 # leaves its gradient partial across the TP group (see grads.allreduce_sequence_parallel_gradients).
 PARAMETER_ATTRIBUTES = (*TENSOR_PARALLEL_ATTRIBUTES, "sequence_parallel_enabled")
