@@ -168,15 +168,19 @@ def _case_embedding_collect_output_and_max_norm():
 
 
 def _case_pad_argument():
+    # Sizes the TP size divides need no padding; the others are padded up to its next multiple
+    # (upstream's attributes: the padded size and pad_size). tests/test_pad.py checks the numbers.
     _, size = _tp()
     assert ColumnParallelLinear(HIDDEN, FFN, pad=True).output_size_per_partition == FFN // size
+    padded = -(-(FFN + 1) // size) * size
+    column = ColumnParallelLinear(HIDDEN, FFN + 1, pad=True)
+    assert (column.output_size, column.pad_size) == (padded, padded - FFN - 1)
+    row = RowParallelLinear(FFN + 1, HIDDEN, pad=True)
+    assert (row.input_size, row.input_size_per_partition) == (padded, padded // size)
+    assert tuple(ParallelEmbedding(FFN + 1, HIDDEN, pad=True).weight.shape) == (padded // size, HIDDEN)
     if size > 1:
-        with pytest.raises(LayerFeatureNotSupportedError, match=r"pad=True.*not implemented"):
-            ColumnParallelLinear(HIDDEN, FFN + 1, pad=True)
-        with pytest.raises(LayerFeatureNotSupportedError, match="pad=True"):
-            RowParallelLinear(FFN + 1, HIDDEN, pad=True)
-        with pytest.raises(LayerFeatureNotSupportedError, match="pad=True"):
-            ParallelEmbedding(VOCAB + 1, HIDDEN, pad=True)
+        with pytest.raises(LayerFeatureNotSupportedError, match="pad=True, stride=3"):
+            ColumnParallelLinear(HIDDEN, 3 * FFN + 3, stride=3, pad=True)
     return True
 
 

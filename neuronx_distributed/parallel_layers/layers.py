@@ -17,10 +17,32 @@ hidden]`) across the TP group. A sequence-parallel Column layer all-gathers its 
 and reduce-scatters the input's gradient; a sequence-parallel Row layer reduce-scatters
 its output instead of all-reducing it; a sequence-parallel embedding returns its
 chunk of the sequence.
+
+Where the parameters go and how they are initialized (`device`, and our `exact_slice_init`):
+
+- `exact_slice_init=True` (the same-seed contract): every rank builds the full master
+  weight on `device` itself (never on the host for an accelerator), initializes it with
+  `init_method` from the default generator, and keeps its slice, so the shards of a TP=N
+  layer are exactly the slices of the TP=1 layer built with the same seed. Costs, per
+  rank and per layer, the full weight's memory on `device` while it is built and the
+  full initialization's work.
+- `exact_slice_init=False`: only this rank's shard is allocated on `device` and
+  initialized there, from the tracker's per-TP-rank stream (`model_parallel_xla_manual_seed`
+  must have run): the same distribution, different numbers. The default initializations
+  use the full layer's fan-in; a custom `init_method` is called on the shard (its fans are
+  the shard's). Costs nothing beyond the shard.
+- `None` (default): True on CPU, at TP=1 and with `keep_master_weight`; False on any
+  other device (upstream initializes the shard on its device too). On `device="meta"` no
+  values are drawn and no memory is allocated: the parameters have their shard shapes.
+
+Replicated parameters (biases added after a collective) are built whole from the default
+generator either way. No forward or backward reads a tensor back to the host (no
+`.item()`, no data-dependent shapes), so a step never waits for an accelerator.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -29,7 +51,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn import init
 
-from ..errors import InputShapeError, LayerConfigError, LayerFeatureNotSupportedError
+from .. import comm
+from ..errors import (
+    CheckpointShapeError,
+    InputShapeError,
+    LayerConfigError,
+    LayerFeatureNotSupportedError,
+    RNGStateTrackerError,
+)
 from . import parallel_state
 from .initialization import initialized_master, linear_bias_init, linear_weight_init, shard_of
 from .mappings import (
@@ -43,7 +72,14 @@ from .mappings import (
     scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-from .utils import copy_attributes_to_state_dict, divide, set_tensor_model_parallel_attributes
+from .random import _MODEL_PARALLEL_RNG_TRACKER_NAME, get_rng_state_tracker
+from .utils import (
+    copy_attributes_to_state_dict,
+    divide,
+    get_padding_length,
+    set_tensor_model_parallel_attributes,
+)
+from .weight_loading import set_weight_loader
 
 
 class _TensorParallelModule(nn.Module):
@@ -71,12 +107,15 @@ def _check_sizes(layer: str, **sizes) -> None:
             raise LayerConfigError(f"{layer} {name} must be a positive integer, got {value!r}.")
 
 
-def _check_pad(layer: str, pad: bool, size: int, world: int, what: str) -> None:
-    if pad and size % world != 0:
+def _pad_size(layer: str, pad: bool, size: int, world: int, stride: int, what: str) -> int:
+    """How many zero features `pad=True` appends to `size` (upstream: up to a multiple of the TP size)."""
+    extra = get_padding_length(size, world) if pad else 0
+    if extra and stride > 1:
         raise LayerFeatureNotSupportedError(
-            f"{layer}(pad=True): padding {what} ({size}) to a multiple of the tensor parallel size ({world}) "
-            f"is not implemented yet; choose a {what} that {world} divides (pad=True is then a no-op)."
+            f"{layer}(pad=True, stride={stride}): a strided (fused) weight cannot be padded; choose a {what} "
+            f"({size} now) that {world * stride} divides."
         )
+    return extra
 
 
 def _sequence_dimension(sequence_dimension) -> int:
@@ -134,14 +173,134 @@ def _initialize_parameter_cpu(
     return master if return_master_param else None
 
 
-def _shard_parameter(master: torch.Tensor, partition_dim: int, stride: int, rank: int, world: int) -> nn.Parameter:
-    param = nn.Parameter(shard_of(master, partition_dim, stride, rank, world))
-    set_tensor_model_parallel_attributes(param, True, partition_dim, stride, world)
+def _layer_device(device) -> torch.device:
+    """Where a layer's parameters go: `device`, or torch's default device for None (and the seed's False)."""
+    if device is None or device is False:
+        return torch.get_default_device()
+    return torch.device(device)
+
+
+def _use_exact_slice_init(layer: str, exact_slice_init, keep_master_weight: bool, device: torch.device, world: int) -> bool:
+    """Resolve `exact_slice_init` (None: True on CPU, at TP=1 and with keep_master_weight; False elsewhere)."""
+    if exact_slice_init is None:
+        return bool(keep_master_weight) or world == 1 or device.type == "cpu"
+    if not isinstance(exact_slice_init, bool):
+        raise LayerConfigError(f"{layer} exact_slice_init must be True, False or None, got {exact_slice_init!r}.")
+    if keep_master_weight and not exact_slice_init:
+        raise LayerConfigError(
+            f"{layer}(keep_master_weight=True) keeps the full master weight, which exact_slice_init=False never "
+            "builds; drop one of the two."
+        )
+    return exact_slice_init
+
+
+@dataclass(frozen=True)
+class _ShardLayout:
+    """How one sharded parameter maps onto its full, unpadded tensor.
+
+    The full tensor has `full_shape`; along `dim` it is padded with zeros at its end to
+    `padded_size` (a multiple of `world`; equal to `full_shape[dim]` without padding), then
+    cut as `shard_of` cuts (`stride` blocks per rank). Padding needs stride 1.
+    """
+
+    full_shape: tuple[int, ...]
+    dim: int
+    stride: int
+    padded_size: int
+    rank: int
+    world: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.padded_size // self.world
+
+    @property
+    def shard_shape(self) -> tuple[int, ...]:
+        return tuple(self.per_rank if d == self.dim else n for d, n in enumerate(self.full_shape))
+
+    @property
+    def real(self) -> int:
+        """How many of this rank's entries along `dim` hold the full tensor (the rest are padding)."""
+        return min(max(self.full_shape[self.dim] - self.rank * self.per_rank, 0), self.per_rank)
+
+    def cut(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of `full` (of `full_shape`), padding included."""
+        extra = self.padded_size - full.shape[self.dim]
+        if extra:
+            zeros = list(full.shape)
+            zeros[self.dim] = extra
+            full = torch.cat([full, full.new_zeros(zeros)], dim=self.dim)
+        return shard_of(full, self.dim, self.stride, self.rank, self.world)
+
+    def load(self, full_shape, read) -> torch.Tensor:
+        """The weight loader of a padded parameter: a full checkpoint tensor, unpadded or padded as here, to the shard."""
+        full_shape = tuple(full_shape)
+        padded_shape = tuple(self.padded_size if d == self.dim else n for d, n in enumerate(self.full_shape))
+        if full_shape not in (self.full_shape, padded_shape):
+            raise CheckpointShapeError(
+                f"a padded parameter of full shape {self.full_shape} (padded to {padded_shape}) got a checkpoint "
+                f"tensor of shape {full_shape}; build the layer with the sizes of the checkpoint."
+            )
+        start = self.rank * self.per_rank
+        if self.real == self.per_rank:
+            return read(self.dim, start, start + self.per_rank)
+        part = read(self.dim, start, start + self.real) if self.real else None
+        shard = torch.zeros(self.shard_shape, dtype=part.dtype if part is not None else torch.float32)
+        if part is not None:
+            shard.narrow(self.dim, 0, self.real).copy_(part)
+        return shard
+
+
+def _as_sharded(tensor: torch.Tensor, layout: _ShardLayout, requires_grad: bool = True) -> nn.Parameter:
+    param = nn.Parameter(tensor, requires_grad=requires_grad)
+    set_tensor_model_parallel_attributes(param, True, layout.dim, layout.stride, layout.world)
+    if layout.padded_size != layout.full_shape[layout.dim]:
+        set_weight_loader(param, layout.load)
     return param
 
 
-def _replicated_parameter(tensor: torch.Tensor, world: int) -> nn.Parameter:
-    param = nn.Parameter(tensor)
+def _model_parallel_rng(layer: str):
+    """The tracker's per-TP-rank stream, which draws the shards of `exact_slice_init=False`."""
+    tracker = get_rng_state_tracker()
+    if _MODEL_PARALLEL_RNG_TRACKER_NAME not in tracker.get_states():
+        raise RNGStateTrackerError(
+            f"{layer} initializes each shard on its own device (exact_slice_init=False) from the tensor-parallel "
+            "RNG stream; call parallel_layers.random.model_parallel_xla_manual_seed(seed) first, or pass "
+            "exact_slice_init=True (build the full weight, then slice it)."
+        )
+    return tracker.fork()
+
+
+def _sharded_parameter(layer: str, layout: _ShardLayout, init_full, init_shard, dtype, device: torch.device, exact: bool):
+    """(this rank's shard of a new parameter, its full unpadded master or None).
+
+    `exact`: the master is built on `device` with `init_full`, padded, and sliced.
+    Otherwise only the shard is allocated on `device` and filled by `init_shard` from
+    the tracker's per-TP-rank stream (nothing is filled on the meta device).
+    """
+    if exact:
+        master = initialized_master(layout.full_shape, init_full, dtype, device)
+        return _as_sharded(layout.cut(master), layout), master
+    shard = torch.empty(layout.shard_shape, dtype=dtype, device=device)
+    if device.type != "meta":
+        with _model_parallel_rng(layer), torch.no_grad():
+            init_shard(shard)
+            shard.narrow(layout.dim, layout.real, layout.per_rank - layout.real).zero_()
+    return _as_sharded(shard, layout), None
+
+
+def _resharded(param: nn.Parameter, layout: _ShardLayout, group) -> nn.Parameter:
+    """`param`, a stride-1 shard (padded or not) of the full tensor of `layout`, cut again as `layout` says."""
+    if param.device.type == "meta":
+        tensor = torch.empty(layout.shard_shape, dtype=param.dtype, device=param.device)
+    else:
+        gathered = comm.all_gather(param.detach(), dim=layout.dim, group=group)
+        tensor = layout.cut(gathered.narrow(layout.dim, 0, layout.full_shape[layout.dim]))
+    return _as_sharded(tensor, layout, param.requires_grad)
+
+
+def _replicated_parameter(shape: tuple[int, ...], initializer, dtype, device: torch.device, world: int) -> nn.Parameter:
+    param = nn.Parameter(initialized_master(shape, initializer, dtype, device))
     set_tensor_model_parallel_attributes(param, False, 0, 1, world)
     return param
 
@@ -168,8 +327,14 @@ class ColumnParallelLinear(BaseParallelLinear):
         tensor, not a parameter; None otherwise).
       - `reduce_dtype`: dtype of the input-gradient all-reduce (or reduce-scatter); the
         gradient comes back in its own dtype. A no-op for float32 layers.
-      - `pad`: accepted; sizes the TP size does not divide raise LayerFeatureNotSupportedError
-        (upstream pads for inference; not implemented here yet).
+      - `pad`: when the TP size does not divide `output_size`, append zero output features
+        up to the next multiple of it (`pad_size` of them, on the last ranks; `output_size`
+        is then the padded size, as upstream). The gathered output drops them again; a
+        sharded output keeps them (zeros), for a following padded RowParallelLinear, which
+        ignores them. Unlike upstream, padded layers train: their padded rows get zero
+        gradients and stay zero. Not with `stride` > 1. `parallel_layers.pad.pad_model` pads
+        by attention heads instead.
+      - `device`, `exact_slice_init` (ours): see the module docstring.
     With `stride` > 1 and `gather_output=True` the gathered output is put back in the
     unsharded layer's order (upstream leaves it in shard order).
     """
@@ -193,6 +358,7 @@ class ColumnParallelLinear(BaseParallelLinear):
         reduce_dtype: torch.dtype = torch.float32,
         *,
         tensor_parallel_group=None,
+        exact_slice_init: bool | None = None,
     ):
         super().__init__()
         name = "ColumnParallelLinear"
@@ -204,27 +370,44 @@ class ColumnParallelLinear(BaseParallelLinear):
             )
         self.tensor_parallel_group = _resolve_group(name, tensor_model_parallel_group, tensor_parallel_group)
         world, rank = dist.get_world_size(self.tensor_parallel_group), dist.get_rank(self.tensor_parallel_group)
-        _check_pad(name, pad, output_size, world, "output_size")
-        self.output_size_per_partition = divide(output_size, world, what=f"{name} output_size")
-        divide(output_size, world * stride, what=f"{name} output_size (with stride={stride})")
-        self.input_size, self.output_size = input_size, output_size
+        self.pad_size = _pad_size(name, pad, output_size, world, stride, "output_size")
+        padded = output_size + self.pad_size
+        self.output_size_per_partition = divide(padded, world, what=f"{name} output_size")
+        divide(padded, world * stride, what=f"{name} output_size (with stride={stride})")
+        self.input_size, self.output_size = input_size, padded
         self.gather_output, self.skip_bias_add, self.pad, self.stride = gather_output, skip_bias_add, pad, stride
         self.sequence_parallel_enabled = sequence_parallel_enabled
         self.sequence_dimension = _sequence_dimension(sequence_dimension)
         self.reduce_dtype = reduce_dtype
-        device = device or None  # the seed documents device=False as the default
+        device = _layer_device(device)
+        exact = _use_exact_slice_init(name, exact_slice_init, keep_master_weight, device, world)
 
-        master = initialized_master((output_size, input_size), init_method or linear_weight_init, dtype, device)
-        self.weight = _shard_parameter(master, 0, stride, rank, world)
+        fan_in_uniform = partial(linear_bias_init, fan_in=input_size)  # kaiming_uniform_(a=sqrt(5))'s range
+        layout = _ShardLayout((output_size, input_size), 0, stride, padded, rank, world)
+        self.weight, master = _sharded_parameter(
+            name, layout, init_method or linear_weight_init, init_method or fan_in_uniform, dtype, device, exact
+        )
         self.master_weight = master if keep_master_weight else None
-        if bias:
-            full_bias = initialized_master((output_size,), partial(linear_bias_init, fan_in=input_size), dtype, device)
-            if gather_output:
-                self.bias = _replicated_parameter(full_bias, world)
-            else:
-                self.bias = _shard_parameter(full_bias, 0, stride, rank, world)
+        if bias and gather_output:
+            self.bias = _replicated_parameter((output_size,), fan_in_uniform, dtype, device, world)
+        elif bias:
+            bias_layout = _ShardLayout((output_size,), 0, stride, padded, rank, world)
+            self.bias, _ = _sharded_parameter(name, bias_layout, fan_in_uniform, fan_in_uniform, dtype, device, exact)
         else:
             self.register_parameter("bias", None)
+
+    def _repad(self, padded_size: int) -> None:
+        """Re-shard so that the output features are padded with zeros to `padded_size` (see pad.pad_model).
+
+        A collective over the TP group (the shards are all-gathered); the caller checks the size.
+        """
+        group = self.tensor_parallel_group
+        rank, world, unpadded = dist.get_rank(group), dist.get_world_size(group), self.output_size - self.pad_size
+        self.weight = _resharded(self.weight, _ShardLayout((unpadded, self.input_size), 0, 1, padded_size, rank, world), group)
+        if self.bias is not None and not self.gather_output:
+            self.bias = _resharded(self.bias, _ShardLayout((unpadded,), 0, 1, padded_size, rank, world), group)
+        self.output_size, self.pad_size = padded_size, padded_size - unpadded
+        self.output_size_per_partition = padded_size // world
 
     def _in_unsharded_order(self, gathered: torch.Tensor) -> torch.Tensor:
         """Gathered output columns, from shard order back to the unsharded layer's order (stride > 1)."""
@@ -249,6 +432,8 @@ class ColumnParallelLinear(BaseParallelLinear):
         output = F.linear(input_parallel, self.weight, self.bias if bias_in_matmul else None)
         if self.gather_output:
             output = self._in_unsharded_order(gather_from_tensor_model_parallel_region(output, group))
+            if self.pad_size:
+                output = output.narrow(-1, 0, self.output_size - self.pad_size)
             if self.bias is not None and not self.skip_bias_add:
                 output = output + self.bias
         if self.skip_bias_add:
@@ -258,7 +443,7 @@ class ColumnParallelLinear(BaseParallelLinear):
     def extra_repr(self) -> str:
         return (
             f"input_size={self.input_size}, output_size={self.output_size} "
-            f"({self.output_size_per_partition} per rank), bias={self.bias is not None}, "
+            f"({self.output_size_per_partition} per rank, {self.pad_size} padding), bias={self.bias is not None}, "
             f"gather_output={self.gather_output}, sequence_parallel_enabled={self.sequence_parallel_enabled}"
         )
 
@@ -278,7 +463,14 @@ class RowParallelLinear(BaseParallelLinear):
       - `reduce_output=False`: return this rank's partial sum without any reduction (the
         caller reduces). Needs `skip_bias_add=True` or `bias=False`, since a bias added to
         every partial sum would be counted once per rank (upstream adds it anyway).
-      - `skip_bias_add`, `keep_master_weight`, `reduce_dtype`, `pad`: as ColumnParallelLinear.
+      - `pad`: when the TP size does not divide `input_size`, append zero input features up
+        to the next multiple of it (`input_size` is then the padded size, as upstream). A
+        full input (`input_is_parallel=False`) is padded with zeros before it is split; a
+        sharded one must have the padded shard size (a padded ColumnParallelLinear's
+        output). Each rank multiplies only the real features of its shard, so the padded
+        inputs never reach the output and the padded weight columns get zero gradients.
+      - `skip_bias_add`, `keep_master_weight`, `reduce_dtype`, `device`, `exact_slice_init`:
+        as ColumnParallelLinear.
     The bias is initialized as torch.nn.Linear's (fan-in: the full `input_size`; upstream uses
     the per-rank input size), so TP=1 equals torch.nn.Linear.
     """
@@ -303,6 +495,7 @@ class RowParallelLinear(BaseParallelLinear):
         reduce_dtype: torch.dtype = torch.float32,
         *,
         tensor_parallel_group=None,
+        exact_slice_init: bool | None = None,
     ):
         super().__init__()
         name = "RowParallelLinear"
@@ -326,25 +519,49 @@ class RowParallelLinear(BaseParallelLinear):
             )
         self.tensor_parallel_group = _resolve_group(name, tensor_model_parallel_group, tensor_parallel_group)
         world, rank = dist.get_world_size(self.tensor_parallel_group), dist.get_rank(self.tensor_parallel_group)
-        _check_pad(name, pad, input_size, world, "input_size")
-        self.input_size_per_partition = divide(input_size, world, what=f"{name} input_size")
-        divide(input_size, world * stride, what=f"{name} input_size (with stride={stride})")
-        self.input_size, self.output_size = input_size, output_size
+        self.pad_size = _pad_size(name, pad, input_size, world, stride, "input_size")
+        padded = input_size + self.pad_size
+        self.input_size_per_partition = divide(padded, world, what=f"{name} input_size")
+        divide(padded, world * stride, what=f"{name} input_size (with stride={stride})")
+        self.input_size, self.output_size = padded, output_size
         self.input_is_parallel, self.skip_bias_add, self.pad = input_is_parallel, skip_bias_add, pad
         self.sequence_parallel_enabled = sequence_parallel_enabled
         self.sequence_dimension = _sequence_dimension(sequence_dimension)
         self.reduce_output, self.reduce_dtype = reduce_output, reduce_dtype
-        device = device or None  # the seed documents device=False as the default
+        device = _layer_device(device)
+        exact = _use_exact_slice_init(name, exact_slice_init, keep_master_weight, device, world)
 
-        master = initialized_master((output_size, input_size), init_method or linear_weight_init, dtype, device)
-        self.weight = _shard_parameter(master, 1, stride, rank, world)
+        fan_in_uniform = partial(linear_bias_init, fan_in=input_size)  # kaiming_uniform_(a=sqrt(5))'s range
+        layout = _ShardLayout((output_size, input_size), 1, stride, padded, rank, world)
+        self.weight, master = _sharded_parameter(
+            name, layout, init_method or linear_weight_init, init_method or fan_in_uniform, dtype, device, exact
+        )
         self.master_weight = master if keep_master_weight else None
+        self._real_input_features = layout.real
         if bias:
-            full_bias = initialized_master((output_size,), partial(linear_bias_init, fan_in=input_size), dtype, device)
-            self.bias = _replicated_parameter(full_bias, world)
+            self.bias = _replicated_parameter((output_size,), fan_in_uniform, dtype, device, world)
             self.bias.sequence_parallel_enabled = sequence_parallel_enabled
         else:
             self.register_parameter("bias", None)
+
+    def _repad(self, padded_size: int) -> None:
+        """Re-shard so that the input features are padded with zeros to `padded_size` (see pad.pad_model).
+
+        A collective over the TP group (the shards are all-gathered); the caller checks the size.
+        """
+        group = self.tensor_parallel_group
+        rank, world, unpadded = dist.get_rank(group), dist.get_world_size(group), self.input_size - self.pad_size
+        layout = _ShardLayout((self.output_size, unpadded), 1, 1, padded_size, rank, world)
+        self.weight = _resharded(self.weight, layout, group)
+        self.input_size, self.pad_size = padded_size, padded_size - unpadded
+        self.input_size_per_partition, self._real_input_features = layout.per_rank, layout.real
+
+    def _partial_product(self, input_parallel: torch.Tensor) -> torch.Tensor:
+        """This rank's X_i A_i over the real (unpadded) features of its shard."""
+        real = self._real_input_features
+        if real == self.input_size_per_partition:
+            return F.linear(input_parallel, self.weight)
+        return F.linear(input_parallel.narrow(-1, 0, real), self.weight.narrow(1, 0, real))
 
     def forward(self, input_: torch.Tensor):
         group = self.tensor_parallel_group
@@ -361,11 +578,13 @@ class RowParallelLinear(BaseParallelLinear):
             _check_last_dim(
                 "RowParallelLinear",
                 input_,
-                self.input_size,
+                self.input_size - self.pad_size,
                 "pass the full features, or their shard with input_is_parallel=True.",
             )
+            if self.pad_size:
+                input_ = F.pad(input_, (0, self.pad_size))
             input_parallel = scatter_to_tensor_model_parallel_region(input_, group)
-        output = F.linear(input_parallel, self.weight)
+        output = self._partial_product(input_parallel)
         if self.sequence_parallel_enabled:
             output = reduce_scatter_to_sequence_parallel_region(
                 output, self.sequence_dimension, group, reduce_dtype=self.reduce_dtype
@@ -378,7 +597,7 @@ class RowParallelLinear(BaseParallelLinear):
 
     def extra_repr(self) -> str:
         return (
-            f"input_size={self.input_size} ({self.input_size_per_partition} per rank), "
+            f"input_size={self.input_size} ({self.input_size_per_partition} per rank, {self.pad_size} padding), "
             f"output_size={self.output_size}, bias={self.bias is not None}, "
             f"input_is_parallel={self.input_is_parallel}, sequence_parallel_enabled={self.sequence_parallel_enabled}"
         )
@@ -402,11 +621,17 @@ class ParallelEmbedding(_TensorParallelModule):
     - `max_norm` renormalizes only the rows the ids look up, as torch.nn.Embedding does.
       Not supported with `shard_across_embedding=True` at TP > 1 (a row's norm spans ranks);
       neither is `scale_grad_by_freq` with vocabulary sharding at TP > 1.
-    - `pad`: as ColumnParallelLinear.
+    - `pad`: when the TP size does not divide the sharded size (`num_embeddings`, or
+      `embedding_dim` with `shard_across_embedding=True`), append zero rows (columns) up to
+      the next multiple of it; that attribute is then the padded size (as upstream). Ids
+      stay checked against the real vocabulary, and gathered columns drop the padding again.
+    - `device`, `exact_slice_init`: as ColumnParallelLinear.
 
-    Ids are checked against the vocabulary with a typed error on CPU. On accelerators the
-    check runs on the device (`torch._assert_async`, no host sync per step): an id out of
-    range fails the device's next synchronization with a device-side assert.
+    Ids are checked against the vocabulary on the device, without reading anything back
+    to the host (`torch._assert_async`): on CPU that check runs at once and raises
+    InputShapeError; on an accelerator an id out of range fails the device's next
+    synchronization with a device-side assert (after which the process must restart). A
+    sync-free `max_norm` at TP > 1 computes the norm of every row of the shard per call.
     """
 
     def __init__(
@@ -429,6 +654,7 @@ class ParallelEmbedding(_TensorParallelModule):
         collect_output: bool = True,
         *,
         tensor_parallel_group=None,
+        exact_slice_init: bool | None = None,
     ):
         super().__init__()
         name = "ParallelEmbedding"
@@ -447,8 +673,8 @@ class ParallelEmbedding(_TensorParallelModule):
         self.tensor_parallel_group = _resolve_group(name, tensor_model_parallel_group, tensor_parallel_group)
         world, rank = dist.get_world_size(self.tensor_parallel_group), dist.get_rank(self.tensor_parallel_group)
         sharded_size, what = (embedding_dim, "embedding_dim") if shard_across_embedding else (num_embeddings, "num_embeddings")
-        _check_pad(name, pad, sharded_size, world, what)
-        per_rank = divide(sharded_size, world, what=f"{name} {what}")
+        self.pad_size = _pad_size(name, pad, sharded_size, world, 1, what)
+        per_rank = divide(sharded_size + self.pad_size, world, what=f"{name} {what}")
         if world > 1 and shard_across_embedding and max_norm is not None:
             raise LayerFeatureNotSupportedError(
                 f"{name}(max_norm=...) with shard_across_embedding=True is not supported at TP > 1 (each row's "
@@ -459,7 +685,9 @@ class ParallelEmbedding(_TensorParallelModule):
                 f"{name}(scale_grad_by_freq=True) is not supported with vocabulary sharding at TP > 1; "
                 "use shard_across_embedding=True."
             )
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.vocab_size = num_embeddings
+        self.num_embeddings = num_embeddings + (0 if shard_across_embedding else self.pad_size)
+        self.embedding_dim = embedding_dim + (self.pad_size if shard_across_embedding else 0)
         self.padding_idx = padding_idx % num_embeddings if padding_idx is not None else None
         self.max_norm, self.norm_type = max_norm, norm_type
         self.scale_grad_by_freq, self.sparse = scale_grad_by_freq, sparse
@@ -468,14 +696,22 @@ class ParallelEmbedding(_TensorParallelModule):
         self.sequence_dimension = _sequence_dimension(sequence_dimension)
         self.vocab_start_index = 0 if shard_across_embedding else rank * per_rank
         self.vocab_end_index = num_embeddings if shard_across_embedding else (rank + 1) * per_rank
+        device = _layer_device(device)
+        exact = _use_exact_slice_init(name, exact_slice_init, False, device, world)
 
-        def initialize(master):
-            init_method(master)
-            if self.padding_idx is not None:
-                master[self.padding_idx].fill_(0)
+        def initialize(table, padding_row):
+            init_method(table)
+            if padding_row is not None:
+                table[padding_row].fill_(0)
 
-        master = initialized_master((num_embeddings, embedding_dim), initialize, dtype, device or None)
-        self.weight = _shard_parameter(master, 1 if shard_across_embedding else 0, 1, rank, world)
+        layout = _ShardLayout(
+            (num_embeddings, embedding_dim), 1 if shard_across_embedding else 0, 1, sharded_size + self.pad_size, rank, world
+        )
+        self.weight, _ = _sharded_parameter(
+            name, layout, partial(initialize, padding_row=self.padding_idx),
+            partial(initialize, padding_row=self.padding_idx if shard_across_embedding else self._local_padding_idx()),
+            dtype, device, exact,
+        )
 
     def _local_padding_idx(self) -> int | None:
         if self.padding_idx is None or not self.vocab_start_index <= self.padding_idx < self.vocab_end_index:
@@ -485,17 +721,26 @@ class ParallelEmbedding(_TensorParallelModule):
     def _check_ids(self, input_: torch.Tensor) -> None:
         if input_.dtype == torch.bool or input_.is_floating_point() or input_.is_complex():
             raise InputShapeError(f"ParallelEmbedding expects integer token ids, got {input_.dtype}.")
-        if not input_.numel() or torch.compiler.is_compiling():
+        message = f"ParallelEmbedding got token ids outside [0, {self.vocab_size})"
+        in_range = ((input_ >= 0) & (input_ < self.vocab_size)).all()
+        if torch.compiler.is_compiling():
+            torch._assert_async(in_range, message)
             return
-        if input_.device.type == "cpu":
-            low, high = (int(v) for v in torch.aminmax(input_))
-            if low < 0 or high >= self.num_embeddings:
-                raise InputShapeError(
-                    f"ParallelEmbedding got token ids outside [0, {self.num_embeddings}); found ids from {low} to {high}."
-                )
-        else:
-            in_range = ((input_ >= 0) & (input_ < self.num_embeddings)).all()
-            torch._assert_async(in_range, f"ParallelEmbedding got token ids outside [0, {self.num_embeddings})")
+        try:
+            torch._assert_async(in_range, message)  # raises at once on CPU only
+        except RuntimeError:
+            low, high = torch.aminmax(input_)  # the error path: reading the ids back costs nothing here
+            raise InputShapeError(f"{message}; found ids from {int(low)} to {int(high)}.") from None
+
+    def _renorm_looked_up_rows(self, local_ids: torch.Tensor, outside: torch.Tensor) -> None:
+        """torch.embedding_renorm_ of the rows that in-range ids look up, without reading the ids on the host."""
+        with torch.no_grad():
+            hits = torch.zeros(self.weight.shape[0], dtype=torch.int32, device=self.weight.device)
+            hits.index_add_(0, local_ids.reshape(-1), (~outside).reshape(-1).to(torch.int32))
+            norms = torch.linalg.vector_norm(self.weight, self.norm_type, dim=1)
+            too_long = (hits > 0) & (norms > self.max_norm)
+            scale = torch.where(too_long, self.max_norm / (norms + 1e-7), torch.ones_like(norms))
+            self.weight.mul_(scale.unsqueeze(1))
 
     def _lookup(self, ids: torch.Tensor, max_norm) -> torch.Tensor:
         return F.embedding(
@@ -510,6 +755,8 @@ class ParallelEmbedding(_TensorParallelModule):
             if not self.collect_output:
                 return output
             output = gather_from_tensor_model_parallel_region(output, group)
+            if self.pad_size:
+                output = output.narrow(-1, 0, self.embedding_dim - self.pad_size)
             if self.sequence_parallel_enabled:
                 output = scatter_to_sequence_parallel_region(output, self.sequence_dimension, group)
             return output
@@ -519,9 +766,7 @@ class ParallelEmbedding(_TensorParallelModule):
             outside = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
             local_ids = (input_ - self.vocab_start_index).masked_fill(outside, 0)
             if self.max_norm is not None:
-                # Renormalize only the rows these ids look up (the masked ones map to row 0 too).
-                with torch.no_grad():
-                    torch.embedding_renorm_(self.weight, local_ids[~outside], self.max_norm, self.norm_type)
+                self._renorm_looked_up_rows(local_ids, outside)
             output = self._lookup(local_ids, None).masked_fill(outside.unsqueeze(-1), 0.0)
         if not self.collect_output:
             return output
@@ -552,7 +797,7 @@ class BaseParallelConv(_TensorParallelModule):
     def __init__(
         self,
         name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-        partition_dim, dtype, device, init_method, keep_master_weight, tensor_model_parallel_group,
+        partition_dim, dtype, device, init_method, keep_master_weight, tensor_model_parallel_group, exact_slice_init,
     ):
         super().__init__()
         _check_sizes(name, in_channels=in_channels, out_channels=out_channels)
@@ -569,22 +814,24 @@ class BaseParallelConv(_TensorParallelModule):
         sharded, what = (out_channels, "out_channels") if partition_dim == 0 else (in_channels, "in_channels")
         self.channels_per_partition = divide(sharded, world, what=f"{name} {what}")
         self.in_channels, self.out_channels = in_channels, out_channels
-        device = device or None
+        device = _layer_device(device)
+        exact = _use_exact_slice_init(name, exact_slice_init, keep_master_weight, device, world)
 
-        master = initialized_master(
-            (out_channels, in_channels, *self.kernel_size), init_method or linear_weight_init, dtype, device
+        full_shape = (out_channels, in_channels, *self.kernel_size)
+        fan_in_uniform = partial(linear_bias_init, fan_in=in_channels * self.kernel_size[0] * self.kernel_size[1])
+        layout = _ShardLayout(full_shape, partition_dim, 1, full_shape[partition_dim], rank, world)
+        self.weight, master = _sharded_parameter(
+            name, layout, init_method or linear_weight_init, init_method or fan_in_uniform, dtype, device, exact
         )
-        self.weight = _shard_parameter(master, partition_dim, 1, rank, world)
         self.master_weight = master if keep_master_weight else None
         self.master_bias = None
-        if bias:
-            fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
-            full_bias = initialized_master((out_channels,), partial(linear_bias_init, fan_in=fan_in), dtype, device)
-            self.master_bias = full_bias.clone() if keep_master_weight else None
-            if partition_dim == 0:
-                self.bias = _shard_parameter(full_bias, 0, 1, rank, world)
-            else:
-                self.bias = _replicated_parameter(full_bias, world)
+        if bias and partition_dim == 0:
+            bias_layout = _ShardLayout((out_channels,), 0, 1, out_channels, rank, world)
+            self.bias, full_bias = _sharded_parameter(name, bias_layout, fan_in_uniform, fan_in_uniform, dtype, device, exact)
+            self.master_bias = full_bias if keep_master_weight else None
+        elif bias:
+            self.bias = _replicated_parameter((out_channels,), fan_in_uniform, dtype, device, world)
+            self.master_bias = self.bias.detach().clone() if keep_master_weight else None
         else:
             self.register_parameter("bias", None)
 
@@ -625,10 +872,13 @@ class OutputChannelParallelConv2d(BaseParallelConv):
         init_method=None,
         keep_master_weight: bool = False,
         tensor_model_parallel_group=None,
+        *,
+        exact_slice_init: bool | None = None,
     ):
         super().__init__(
             "OutputChannelParallelConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
             bias, padding_mode, 0, dtype, device, init_method, keep_master_weight, tensor_model_parallel_group,
+            exact_slice_init,
         )
         self.gather_output = gather_output
 
@@ -666,10 +916,13 @@ class InputChannelParallelConv2d(BaseParallelConv):
         init_method=None,
         keep_master_weight: bool = False,
         tensor_model_parallel_group=None,
+        *,
+        exact_slice_init: bool | None = None,
     ):
         super().__init__(
             "InputChannelParallelConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
             bias, padding_mode, 1, dtype, device, init_method, keep_master_weight, tensor_model_parallel_group,
+            exact_slice_init,
         )
         self.input_is_parallel = input_is_parallel
 
