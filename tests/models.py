@@ -17,13 +17,13 @@ from neuronx_distributed.parallel_layers.layer_norm import LayerNorm
 
 
 class MLP(nn.Module):
-    """fc1 (Column, gather_output=False) -> GELU -> fc2 (Row, input_is_parallel=True)."""
+    """fc1 (Column, gather_output=False) -> GELU -> fc2 (Row, input_is_parallel=True); `pad` passed to both."""
 
-    def __init__(self, hidden: int, ffn: int, parallel: bool):
+    def __init__(self, hidden: int, ffn: int, parallel: bool, pad: bool = False):
         super().__init__()
         if parallel:
-            self.fc1 = ColumnParallelLinear(hidden, ffn, gather_output=False)
-            self.fc2 = RowParallelLinear(ffn, hidden, input_is_parallel=True)
+            self.fc1 = ColumnParallelLinear(hidden, ffn, gather_output=False, pad=pad)
+            self.fc2 = RowParallelLinear(ffn, hidden, input_is_parallel=True, pad=pad)
         else:
             self.fc1, self.fc2 = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
 
