@@ -55,18 +55,21 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             mean_shifted_logit = sums[..., 2] / vocab_size
             loss = (1.0 - label_smoothing) * loss + label_smoothing * (log_normalizer - mean_shifted_logit)
         counted = target != ignore_index
-        loss = torch.where(counted, loss, torch.zeros_like(loss))
+        # Out-of-range ids (refused up front on CPU, not checked on an accelerator: see parallel_cross_entropy)
+        # give NaN, in the loss and the gradient, rather than the loss of a target logit of 0.
+        outside = counted & ((target < 0) | (target >= vocab_size))
+        loss = torch.where(counted, loss, torch.zeros_like(loss)).masked_fill(outside, float("nan"))
 
         probs.div_(sums[..., 0].unsqueeze(-1))
-        ctx.save_for_backward(probs, local_target, in_shard, counted)
+        ctx.save_for_backward(probs, local_target, in_shard, counted, outside)
         ctx.label_smoothing, ctx.vocab_size, ctx.logits_dtype = label_smoothing, vocab_size, vocab_parallel_logits.dtype
         return loss.to(vocab_parallel_logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        probs, local_target, in_shard, counted = ctx.saved_tensors
+        probs, local_target, in_shard, counted, outside = ctx.saved_tensors
         smoothing = ctx.label_smoothing
-        weight = grad_output.to(probs.dtype) * counted
+        weight = (grad_output.to(probs.dtype) * counted).masked_fill(outside, float("nan"))
         grad = probs * weight.unsqueeze(-1)
         if smoothing > 0:
             grad.sub_(weight.unsqueeze(-1) * (smoothing / ctx.vocab_size))
@@ -105,6 +108,8 @@ def _check_inputs(vocab_parallel_logits, target, label_smoothing, ignore_index, 
         raise LossInputError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}.")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise LossInputError(f"ignore_index must be an int, got {ignore_index!r}.")
+    if target.device.type != "cpu":
+        return  # reading the check's result would wait for the device on every call
     vocab_size = vocab_parallel_logits.shape[-1] * tp_size
     outside = (target != ignore_index) & ((target < 0) | (target >= vocab_size))
     if outside.any():
@@ -134,8 +139,11 @@ def parallel_cross_entropy(vocab_parallel_logits, target, label_smoothing=0.0, i
     Upstream smooths with the NeMo form (eps * K / (K - 1), K the shard's size);
     here smoothing matches PyTorch for the full vocabulary. Upstream has no
     `ignore_index`. Bad input raises a typed error before any collective, on every
-    rank: out-of-range targets are checked on the targets' device, which costs one
-    host read of a boolean per call on an accelerator.
+    rank. Target ids outside the vocabulary (and not `ignore_index`) raise
+    LossInputError for CPU tensors; on an accelerator they are not checked on the
+    host, which would wait for the device on every call: their tokens' loss and
+    logits gradient are NaN instead (F.cross_entropy fails there with a device-side
+    assert, which ends the process's CUDA context).
     """
     group = parallel_state.get_tensor_model_parallel_group() if process_group is None else process_group
     _check_inputs(vocab_parallel_logits, target, label_smoothing, ignore_index, dist.get_world_size(group))
