@@ -400,6 +400,30 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
         for group, inner_group in zip(self.param_groups, self.base_optimizer.param_groups):
             group.update(_hyperparameters(inner_group))
 
+    def save_sharded_state_dict(self, output_dir: str, num_workers_per_step: int = 8) -> None:
+        """Save every rank's partition as one sharded checkpoint at `output_dir` (`optimizer.checkpoint`).
+
+        Collective over all ranks. Unlike upstream (a pickled file per rank, loadable only at
+        the same DP size), the checkpoint is safetensors plus a JSON manifest of the global
+        layout, written atomically, and `load_sharded_state_dict` reads it at any DP size
+        (and `checkpoint.load_optimizer_state` into a plain optimizer). The ranks of a host
+        write `num_workers_per_step` at a time, as upstream.
+        """
+        from .checkpoint import save_optimizer_state
+
+        save_optimizer_state(self, output_dir, num_workers_per_step)
+
+    def load_sharded_state_dict(self, output_dir: str, num_workers_per_step: int = 8) -> None:
+        """Load a checkpoint of `save_sharded_state_dict` (or of a plain optimizer), saved at any DP size.
+
+        Collective over all ranks; the TP degree must be the saved one. Checksums are checked
+        before use; on any error every rank raises a typed error and nothing changes.
+        (`output_dir` is upstream's name for the folder to read.)
+        """
+        from .checkpoint import load_optimizer_state
+
+        load_optimizer_state(self, output_dir, num_workers_per_step)
+
 
 def _hyperparameters(group: dict) -> dict:
     return {key: value for key, value in group.items() if key != "params"}
