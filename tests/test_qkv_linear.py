@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from neuronx_distributed import parallel_state
 from neuronx_distributed.errors import LayerConfigError
-from neuronx_distributed.modules.qkv_linear import ReplicatedKVColumnParallelLinear
+from neuronx_distributed.modules.qkv_linear import GQAQKVColumnParallelLinear, ReplicatedKVColumnParallelLinear
 
-HIDDEN, SEQ, BATCH, LR = 8, 3, 2, 0.1
+HIDDEN, SEQ, BATCH, LR = 8, 4, 2, 0.1
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -33,6 +34,16 @@ def _local_heads(num_heads: int, multiplier: int, rank: int, world: int) -> list
 
 def _rows(heads: list[int], head_dim: int) -> torch.Tensor:
     return torch.tensor([head * head_dim + d for head in heads for d in range(head_dim)])
+
+
+def _stored_rows(num_blocks: int, block: int, multiplier: int) -> list[int]:
+    """The logical row of each stored row: blocks of `block` rows, each stored `multiplier` times in a row."""
+    return [b * block + d for b in _replicated_heads(num_blocks, multiplier) for d in range(block)]
+
+
+def _local_rows(rows: list[int], rank: int, world: int) -> torch.Tensor:
+    per_rank = len(rows) // world
+    return torch.tensor(rows[rank * per_rank:(rank + 1) * per_rank])
 
 
 def _tp():
@@ -119,3 +130,112 @@ def test_multiplier_that_does_not_fit_is_refused_on_every_rank(pools):
     assert all("kv_size_multiplier=2" in message for message in messages)
     messages = pools.run(4, 4, kv_projection_refused, 3, 2)
     assert all("kv_size_multiplier=4" in message for message in messages)
+
+
+def _gqa_reference(q_size: int, kv_size: int, bias: bool, seed: int, **kwargs) -> GQAQKVColumnParallelLinear:
+    """The TP=1 layer (its own one-rank group, kv_size_multiplier=1) built from `seed`."""
+    single, _ = dist.new_subgroups(1)
+    torch.manual_seed(seed)
+    return GQAQKVColumnParallelLinear(HIDDEN, [q_size, kv_size], bias=bias, fuse_qkv=False,
+                                      tensor_model_parallel_group=single, **kwargs)
+
+
+class _GQALayout:
+    """Which logical rows of Q and of K / V this rank holds (from the definition, not the library)."""
+
+    def __init__(self, q_size, kv_size, block, multiplier, rank, world):
+        self.q = torch.arange(rank * q_size // world, (rank + 1) * q_size // world)
+        self.kv_stored = _stored_rows(kv_size // block, block, multiplier)
+        self.kv = _local_rows(self.kv_stored, rank, world)
+        self.rank = rank
+
+
+def _local_outputs(outputs, layout, gather_output):
+    """The reference's (logical) q, k, v as this rank's layer returns them."""
+    if gather_output:
+        return outputs
+    q, k, v = outputs
+    return q[..., layout.q], k[..., layout.kv], v[..., layout.kv]
+
+
+def _loss(outputs, layout, cotangents, gather_output, reference):
+    """Sum over ranks of each rank's outputs times its cotangent: every stored copy of K / V feeds its own path."""
+    q, k, v = outputs
+    cq, ck, cv = cotangents
+    if gather_output:
+        return (q * cq).sum() + (k * ck).sum() + (v * cv).sum()
+    if reference:  # every rank's copies, as the sharded layers together hold them
+        stored = torch.tensor(layout.kv_stored)
+        return (q * cq).sum() + (k[..., stored] * ck).sum() + (v[..., stored] * cv).sum()
+    per_rank = len(layout.q)
+    mine = slice(layout.rank * len(layout.kv), (layout.rank + 1) * len(layout.kv))
+    return ((q * cq[..., layout.rank * per_rank:(layout.rank + 1) * per_rank]).sum()
+            + (k * ck[..., mine]).sum() + (v * cv[..., mine]).sum())
+
+
+def _weights(layer, fused):
+    return layer.weight_qkv.split(
+        [layer.q_output_size_per_partition] + [layer.kv_output_size_per_partition] * 2
+    ) if fused else (layer.weight_q, layer.weight_k, layer.weight_v)
+
+
+def _check_weights(layer, reference, layout, fused, grad=False):
+    get = (lambda t: t.grad) if grad else (lambda t: t)
+    qw, kw, vw = (layer.weight_qkv.grad.split([len(layout.q), len(layout.kv), len(layout.kv)])
+                  if fused and grad else _weights(layer, fused) if not grad else
+                  (layer.weight_q.grad, layer.weight_k.grad, layer.weight_v.grad))
+    if not grad:
+        qw, kw, vw = (t.detach() for t in (qw, kw, vw))
+    torch.testing.assert_close(qw, get(reference.weight_q)[layout.q], **TOL)
+    torch.testing.assert_close(kw, get(reference.weight_k)[layout.kv], **TOL)
+    torch.testing.assert_close(vw, get(reference.weight_v)[layout.kv], **TOL)
+
+
+def gqa_matches_tp1(q_heads, kv_heads, head_dim, multiplier, seed, heads_known=True, sequence_parallel=False):
+    """Fused and separate weights, gathered and local outputs, against the TP=1 layer of the same seed."""
+    rank, world = _tp()
+    q_size, kv_size = q_heads * head_dim, kv_heads * head_dim
+    known = dict(num_key_value_heads=kv_heads) if heads_known else {}
+    layout = _GQALayout(q_size, kv_size, head_dim if heads_known else kv_size, multiplier, rank, world)
+    combinations = [(False, False)] if sequence_parallel else [(f, g) for f in (True, False) for g in (True, False)]
+    for fused, gather_output in combinations:
+        reference = _gqa_reference(q_size, kv_size, True, seed, **known)
+        torch.manual_seed(seed)
+        layer = GQAQKVColumnParallelLinear(
+            HIDDEN, [q_size, kv_size], gather_output=gather_output, fuse_qkv=fused, kv_size_multiplier=multiplier,
+            sequence_parallel_enabled=sequence_parallel, **known,
+        )
+        _check_weights(layer, reference, layout, fused)
+        x, x_ref = _input(seed), _input(seed)
+        chunk = SEQ // world if sequence_parallel else SEQ
+        x_in = x.detach()[rank * chunk:(rank + 1) * chunk].requires_grad_() if sequence_parallel else x
+        widths = (q_size, kv_size, kv_size) if gather_output else (q_size, len(layout.kv_stored), len(layout.kv_stored))
+        cotangents = [_cotangent(seed + i, width) for i, width in enumerate(widths)]
+        outputs, expected = layer(x_in), reference(x_ref)
+        for got, want in zip(outputs, _local_outputs(expected, layout, gather_output)):
+            torch.testing.assert_close(got, want, **TOL)
+        _loss(outputs, layout, cotangents, gather_output, False).backward()
+        _loss(expected, layout, cotangents, gather_output, True).backward()
+        want_grad = x_ref.grad[rank * chunk:(rank + 1) * chunk] if sequence_parallel else x_ref.grad
+        torch.testing.assert_close(x_in.grad, want_grad, **TOL)
+        _check_weights(layer, reference, layout, fused, grad=True)
+        _sgd(layer.parameters())
+        _sgd(reference.parameters())
+        with torch.no_grad():
+            for got, want in zip(layer(x_in), _local_outputs(reference(x_ref), layout, gather_output)):
+                torch.testing.assert_close(got, want, **TOL)
+
+
+# (TP size, multiplier) for 8 query heads and 2 KV heads: every multiplier that fits, and 4 at TP=4.
+GQA_CASES = [(1, 1), (1, 2), (2, 1), (2, 2), (4, 2), (4, 4)]
+
+
+@pytest.mark.parametrize("tp, multiplier", GQA_CASES)
+def test_gqa_layer_equals_tp1_layer(pools, tp, multiplier):
+    pools.run(tp, tp, gqa_matches_tp1, 8, 2, 2, multiplier, seed=tp * 10 + multiplier)
+
+
+def test_gqa_layer_upstream_layout_and_sequence_parallel(pools):
+    """Without head counts the whole KV projection is one replicated block (upstream's layout)."""
+    pools.run(4, 4, gqa_matches_tp1, 8, 2, 2, 2, seed=7, heads_known=False)
+    pools.run(2, 2, gqa_matches_tp1, 8, 2, 2, 2, seed=8, sequence_parallel=True)

@@ -57,13 +57,13 @@ from ..parallel_layers.utils import set_tensor_model_parallel_attributes
 from ..parallel_layers.weight_loading import set_weight_loader
 
 
-def check_kv_replication(layer: str, num_kv_heads: int, kv_size_multiplier: int, world: int) -> None:
-    """Raise LayerConfigError unless `num_kv_heads * kv_size_multiplier` heads split evenly across `world` ranks."""
+def check_kv_replication(layer: str, num_kv_heads: int, kv_size_multiplier: int, world: int, unit: str = "heads") -> None:
+    """Raise LayerConfigError unless `num_kv_heads * kv_size_multiplier` heads (or rows) split evenly across `world` ranks."""
     if (num_kv_heads * kv_size_multiplier) % world:
         fit = world // math.gcd(num_kv_heads, world)
         raise LayerConfigError(
-            f"{layer}: {num_kv_heads} KV heads x kv_size_multiplier={kv_size_multiplier} = "
-            f"{num_kv_heads * kv_size_multiplier} replicated heads do not split across the tensor parallel size "
+            f"{layer}: {num_kv_heads} KV {unit} x kv_size_multiplier={kv_size_multiplier} = "
+            f"{num_kv_heads * kv_size_multiplier} replicated {unit} do not split across the tensor parallel size "
             f"{world}; pass kv_size_multiplier={fit} (or a multiple of it), or use a TP degree that divides "
             f"{num_kv_heads * kv_size_multiplier}."
         )
@@ -247,4 +247,196 @@ class ReplicatedKVColumnParallelLinear(BaseParallelLinear):
             f"input_size={self.input_size}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"kv_size_multiplier={self.kv_size_multiplier} ({self.num_local_heads} heads per rank), "
             f"bias={self.bias is not None}, sequence_parallel_enabled={self.sequence_parallel_enabled}"
+        )
+
+
+def _kv_block(layer: str, q_size: int, kv_size: int, num_attention_heads, num_key_value_heads, head_dim) -> int:
+    """Rows per replicated KV block: one head when the head size is known, else the whole KV projection (upstream)."""
+    if head_dim is None and num_key_value_heads is not None:
+        _check_sizes(layer, num_key_value_heads=num_key_value_heads)
+        if kv_size % num_key_value_heads:
+            raise LayerConfigError(
+                f"{layer}: the KV size {kv_size} is not num_key_value_heads={num_key_value_heads} whole heads; "
+                "pass output_sizes=[num_heads * head_dim, num_kv_heads * head_dim]."
+            )
+        head_dim = kv_size // num_key_value_heads
+    if head_dim is None and num_attention_heads is not None:
+        _check_sizes(layer, num_attention_heads=num_attention_heads)
+        if q_size % num_attention_heads:
+            raise LayerConfigError(f"{layer}: the Q size {q_size} is not num_attention_heads={num_attention_heads} whole heads.")
+        head_dim = q_size // num_attention_heads
+    if head_dim is None:
+        return kv_size
+    _check_sizes(layer, head_dim=head_dim)
+    if kv_size % head_dim:
+        raise LayerConfigError(f"{layer}: the KV size {kv_size} is not a whole number of heads of head_dim={head_dim}.")
+    return head_dim
+
+
+class GQAQKVColumnParallelLinear(BaseParallelLinear):
+    """Upstream's Q, K, V projection for grouped-query attention: `q, k, v = layer(x)`.
+
+    `output_sizes=[q_size, kv_size]`; Q is sharded across the TP group like a
+    ColumnParallelLinear, K and V by replicated blocks (see the module docstring) with
+    `kv_size_multiplier` copies each, which must fit: `kv_size * kv_size_multiplier`
+    split into whole blocks per rank. A block is one KV head when the head size is
+    known (`num_key_value_heads`, `head_dim` or `num_attention_heads`, our additions):
+    rank r then holds the KV heads its contiguous query heads use in Hugging Face's
+    grouping. Without them it is the whole KV projection, upstream's layout (rank r holds
+    rows r*s .. of the projection repeated m times). `fuse_qkv=True` keeps one parameter
+    `weight_qkv` (this rank's Q, K, V rows, concatenated) and `bias_qkv`; otherwise
+    `weight_q/k/v` and `bias_q/k/v`. With `gather_output=True` every rank gets the full
+    q, k, v, each KV head once (as the unreplicated layer; upstream returns the copies),
+    and the biases are full and replicated; otherwise this rank's rows. Built from the
+    same seed, the layer computes what the TP=1 layer with `kv_size_multiplier=1`
+    computes, for any TP degree and multiplier.
+
+    Upstream arguments: `sequence_parallel_enabled` / `sequence_dimension` (input is this
+    rank's chunk of the sequence; needs gather_output=False), `keep_master_weight` (the
+    full initial weights as `master_weight_q/k/v`, or `master_weight_qkv` when fused),
+    `reduce_dtype` (dtype of the input-gradient all-reduce), `tensor_model_parallel_group`.
+    `layer_name` is recorded only. Unlike upstream, `kv_size_multiplier` needs no separate
+    KV process group and need not divide the TP size, and bad sizes raise
+    LayerConfigError instead of failing an assert.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes,
+        bias: bool = True,
+        gather_output: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        init_method=None,
+        sequence_parallel_enabled: bool = False,
+        keep_master_weight: bool = False,
+        kv_size_multiplier: int = 1,
+        fuse_qkv: bool = True,
+        reduce_dtype: torch.dtype = torch.float32,
+        *,
+        sequence_dimension: int | None = None,
+        tensor_model_parallel_group=None,
+        layer_name: str | None = None,
+        num_attention_heads: int | None = None,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+    ):
+        super().__init__()
+        name = "GQAQKVColumnParallelLinear"
+        if not isinstance(output_sizes, (list, tuple)) or len(output_sizes) != 2:
+            raise LayerConfigError(f"{name} output_sizes must be [q_size, kv_size], got {output_sizes!r}.")
+        q_size, kv_size = output_sizes
+        _check_sizes(name, input_size=input_size, q_size=q_size, kv_size=kv_size, kv_size_multiplier=kv_size_multiplier)
+        if sequence_parallel_enabled and gather_output:
+            raise LayerConfigError(
+                f"{name}(sequence_parallel_enabled=True) needs gather_output=False: q, k, v stay sharded by heads."
+            )
+        self.tensor_parallel_group = _resolve_group(name, tensor_model_parallel_group, None)
+        world, rank = dist.get_world_size(self.tensor_parallel_group), dist.get_rank(self.tensor_parallel_group)
+        if q_size % world:
+            raise LayerConfigError(
+                f"{name}: the Q size {q_size} does not split across the tensor parallel size {world}; use a TP "
+                f"degree that divides the number of query heads."
+            )
+        block = _kv_block(name, q_size, kv_size, num_attention_heads, num_key_value_heads, head_dim)
+        if block == kv_size and head_dim is None and num_key_value_heads is None and num_attention_heads is None:
+            # upstream's layout: the replicated projection is split by rows
+            check_kv_replication(name, kv_size, kv_size_multiplier, world, "rows (pass num_key_value_heads to count heads)")
+        else:
+            check_kv_replication(name, kv_size // block, kv_size_multiplier, world)
+        self.input_size, self.output_sizes = input_size, [q_size, kv_size]
+        self.gather_output, self.fuse_qkv, self.kv_size_multiplier = gather_output, fuse_qkv, kv_size_multiplier
+        self.sequence_parallel_enabled = sequence_parallel_enabled
+        self.sequence_dimension = _sequence_dimension(sequence_dimension)
+        self.reduce_dtype, self.layer_name, self.dtype, self.arg_init_method = reduce_dtype, layer_name, dtype, init_method
+        self.use_bias, self.keep_master_weight = bias, keep_master_weight
+        self.q_output_size_per_partition = q_size // world
+        self.kv_output_size_per_partition = kv_size * kv_size_multiplier // world
+        q_part = Part(q_size)
+        self._kv_part = Part(kv_size * kv_size_multiplier, kv_size_multiplier, block)
+        parts = {"q": q_part, "k": self._kv_part, "v": self._kv_part}
+
+        init = init_method or linear_weight_init
+        masters = {key: initialized_master((size, input_size), init, dtype, device)
+                   for key, size in (("q", q_size), ("k", kv_size), ("v", kv_size))}
+        biases = {}
+        if bias:
+            bias_init = partial(linear_bias_init, fan_in=input_size)
+            biases = {key: initialized_master((size,), bias_init, dtype, device)
+                      for key, size in (("q", q_size), ("k", kv_size), ("v", kv_size))}
+
+        def build(name_, tensors: dict, sharded: bool):
+            keys = list(tensors) if not fuse_qkv else ["qkv"]
+            for key in keys:
+                members = list(tensors) if key == "qkv" else [key]
+                if sharded:
+                    member_parts = tuple(parts[member] for member in members)
+                    param = _sharded_parameter([tensors[m] for m in members], member_parts, rank, world)
+                    self._ties[f"{name_}_{key}"] = _CopyTie(member_parts, rank, world, self.tensor_parallel_group)
+                else:
+                    param = _replicated_parameter(torch.cat([tensors[m] for m in members]), world)
+                setattr(self, f"{name_}_{key}", param)
+
+        self._ties: dict[str, _CopyTie] = {}
+        build("weight", masters, True)
+        if bias:
+            build("bias", biases, not gather_output)
+        for key in ("qkv",) if fuse_qkv else ("q", "k", "v"):
+            if not bias:
+                self.register_parameter(f"bias_{key}", None)
+        for key in ("q", "k", "v", "qkv"):
+            kept = None
+            if keep_master_weight and (key == "qkv") == fuse_qkv:
+                kept = torch.cat(list(masters.values())) if key == "qkv" else masters[key]
+            setattr(self, f"master_weight_{key}", kept)
+        self._gathered_kv = first_copies((self._kv_part,))
+
+    def _param(self, name: str):
+        param = getattr(self, name)
+        tie = self._ties.get(name)
+        return tie(param) if tie is not None and param is not None else param
+
+    def _dereplicated(self, gathered: torch.Tensor) -> torch.Tensor:
+        """Gathered K or V columns (every copy, in rank order) with each logical column once."""
+        if self.kv_size_multiplier == 1:
+            return gathered
+        index = self._gathered_kv
+        if index.device != gathered.device:
+            index = self._gathered_kv = index.to(gathered.device)
+        return gathered.index_select(-1, index)
+
+    def forward(self, input_: torch.Tensor):
+        _check_last_dim(type(self).__name__, input_, self.input_size, "pass the full (unsharded) features to this layer.")
+        group = self.tensor_parallel_group
+        x = _parallel_input(input_, self.sequence_parallel_enabled, self.sequence_dimension, group, self.reduce_dtype)
+        local_bias = not self.gather_output
+        if self.fuse_qkv:
+            bias = self._param("bias_qkv") if local_bias else None
+            local_sizes = [self.q_output_size_per_partition] + [self.kv_output_size_per_partition] * 2
+            q, k, v = F.linear(x, self._param("weight_qkv"), bias).split(local_sizes, dim=-1)
+        else:
+            q, k, v = (
+                F.linear(x, self._param(f"weight_{key}"), self._param(f"bias_{key}") if local_bias else None)
+                for key in ("q", "k", "v")
+            )
+        if not self.gather_output:
+            return q, k, v
+        q = gather_from_tensor_model_parallel_region(q, group)
+        k = self._dereplicated(gather_from_tensor_model_parallel_region(k, group))
+        v = self._dereplicated(gather_from_tensor_model_parallel_region(v, group))
+        if self.use_bias:
+            q_size, kv_size = self.output_sizes
+            if self.fuse_qkv:
+                bias_q, bias_k, bias_v = self.bias_qkv.split([q_size, kv_size, kv_size])
+            else:
+                bias_q, bias_k, bias_v = self.bias_q, self.bias_k, self.bias_v
+            q, k, v = q + bias_q, k + bias_k, v + bias_v
+        return q, k, v
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_size={self.input_size}, output_sizes={self.output_sizes}, kv_size_multiplier={self.kv_size_multiplier}, "
+            f"fuse_qkv={self.fuse_qkv}, bias={self.use_bias}, gather_output={self.gather_output}, "
+            f"sequence_parallel_enabled={self.sequence_parallel_enabled}"
         )
