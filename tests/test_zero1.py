@@ -145,8 +145,10 @@ def _local_numels(tp: int) -> list[int]:
     return [FFN // tp * HIDDEN, FFN // tp, HIDDEN * FFN // tp, HIDDEN, HIDDEN]
 
 
-@pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adamw_fp32_optim_params"])
-@pytest.mark.parametrize("world_size,tp", [(2, 1), (4, 2)])
+@pytest.mark.parametrize("world_size,tp,optimizer_name", [
+    (2, 1, "sgd_momentum"), (4, 1, "sgd_momentum"), (4, 2, "sgd_momentum"),
+    (2, 1, "adamw_fp32_optim_params"), (4, 2, "adamw_fp32_optim_params"),
+])
 def test_zero1_other_optimizers_match_unsharded(pools, world_size, tp, optimizer_name):
     pools.run(world_size, tp, _case_matches_unsharded, optimizer_name)
 
