@@ -126,20 +126,33 @@ def param_is_not_tensor_parallel_duplicate(param: torch.Tensor) -> bool:
     return is_tensor_parallel(param) or parallel_state.get_tensor_model_parallel_rank() == 0
 
 
+def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of `model` under each of its names (tied ones once per name)."""
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
 def move_model_to_device(model: nn.Module, device) -> nn.Module:
-    """`model.to(device)` that keeps the TP and sequence-parallel attributes of every parameter.
+    """`model.to(device)` that keeps every Python attribute of every parameter and buffer; returns `model`.
+
+    Tensor attributes (the TP and sequence-parallel marks, a `weight_loader`) survive
+    even where `to()` makes new tensor objects: always for buffers, and for parameters
+    under `torch.__future__.set_swap_module_params_on_conversion(True)`. Copies to an
+    accelerator are issued non-blocking; copies back to the host are waited for once at
+    the end, so the host tensors are complete when this returns. (Pinning the host
+    memory first would cost one more host copy for data that crosses only once.)
 
     Also importable as `parallel_layers.move_model_to_device` (the seed's path) and from
     `parallel_layers.utils` (upstream's).
     """
-    attributes = {
-        name: {attr: getattr(p, attr) for attr in PARAMETER_ATTRIBUTES if hasattr(p, attr)}
-        for name, p in model.named_parameters()
-    }
-    model.to(torch.device(device))
-    for name, param in model.named_parameters():
-        for attr, value in attributes[name].items():
-            setattr(param, attr, value)
+    device = torch.device(device)
+    attributes = {name: dict(tensor.__dict__) for name, tensor in _named_tensors(model)}
+    sources = {tensor.device for _, tensor in _named_tensors(model) if tensor.device.type not in ("cpu", "meta")}
+    model.to(device, non_blocking=True)
+    for name, tensor in _named_tensors(model):
+        tensor.__dict__.update(attributes[name])
+    if device.type == "cpu":
+        for source in sources:
+            torch.accelerator.synchronize(source)
     return model
 
 
