@@ -12,6 +12,14 @@ the way vLLM's per-parameter `weight_loader` works:
 `read(dim, start, stop)` returns the full tensor's rows `start:stop` along `dim`
 (or the whole tensor when `dim` is None), and returns this rank's shard with the
 parameter's shape. It raises CheckpointShapeError when `full_shape` does not fit.
+
+A fused parameter whose full tensor checkpoints often hold as several tensors (a fused
+QKV weight stored as separate Q, K and V weights) names them, relative to its module:
+
+    set_checkpoint_parts(param, ["weight_q", "weight_k", "weight_v"])
+
+and a checkpoint without the parameter's own key but with all of those gives the
+parameter their concatenation along dim 0 as its full tensor.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ FullTensorReader = Callable[[int | None, int, int], torch.Tensor]
 WeightLoader = Callable[[list[int], FullTensorReader], torch.Tensor]
 
 _ATTRIBUTE = "weight_loader"
+_PARTS_ATTRIBUTE = "checkpoint_parts"
 
 
 def set_weight_loader(param: torch.Tensor, loader: WeightLoader) -> None:
@@ -34,3 +43,13 @@ def set_weight_loader(param: torch.Tensor, loader: WeightLoader) -> None:
 def get_weight_loader(param: torch.Tensor) -> WeightLoader | None:
     """The loader declared for `param`, or None when its shard is cut by its partition attributes."""
     return getattr(param, _ATTRIBUTE, None)
+
+
+def set_checkpoint_parts(param: torch.Tensor, names: list[str]) -> None:
+    """Declare that a checkpoint may hold `param`'s full tensor as `names` (keys beside it), concatenated along dim 0."""
+    setattr(param, _PARTS_ATTRIBUTE, tuple(names))
+
+
+def get_checkpoint_parts(param: torch.Tensor) -> tuple[str, ...] | None:
+    """The keys `param`'s full tensor may be stored as, or None."""
+    return getattr(param, _PARTS_ATTRIBUTE, None)
