@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.nxd-installed
 
-.PHONY: setup demo test test-python test-cpp bench clean
+.PHONY: setup demo test test-python test-cpp test-gpu bench clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,14 @@ test-cpp: setup
 
 test-python: setup
 	$(BIN)/python -m pytest tests -q
+
+# The equivalence suite on a GPU (tests/gpu): one line and success where there is none. It does not
+# depend on setup (which installs the pinned CPU torch): on a GPU machine give the interpreter that has
+# CUDA torch and this package, e.g. `make test-gpu GPU_PYTHON=python3`; NXD_TEST_DEVICE=cpu runs it on CPU.
+GPU_PYTHON ?= $(BIN)/python
+test-gpu:
+	@$(GPU_PYTHON) tests/gpu/device.py; status=$$?; \
+	if [ $$status -eq 0 ]; then $(GPU_PYTHON) -m pytest tests/gpu -q; elif [ $$status -ne 3 ]; then exit $$status; fi
 
 bench: setup
 	$(BIN)/python benchmarks/tp_layers.py

@@ -1,4 +1,4 @@
-"""The GPU suite: the equivalence tests on NXD_TEST_DEVICE (default cuda), skipped with one reason where it cannot run.
+"""The GPU suite: the equivalence tests on NXD_TEST_DEVICE (default cuda), skipped with one line where it cannot run.
 
 World sizes 1 and 2 run over gloo with tensors on the test device (gloo's own CUDA
 collectives copy through pinned host memory), with every rank on GPU 0 on a
@@ -21,13 +21,20 @@ TOPOLOGY_IDS = [f"{backend}-world{world}-tp{tp}" for backend, world, tp in TOPOL
 _BACKENDS = {"gloo": "gloo", "nccl": "cpu:gloo,cuda:nccl"}  # CPU tensors (checkpoint agreement) stay on gloo
 
 
-def pytest_collection_modifyitems(config, items):
-    reason = skip_reason()
-    if reason is not None:
-        marker = pytest.mark.skip(reason=reason)
-        for item in items:
-            if "tests/gpu/" in item.nodeid.replace("\\", "/"):
-                item.add_marker(marker)
+_SKIP_REASON = skip_reason()
+# Without the device nothing here is collected; one summary line says why, and a run of this folder alone
+# (nothing collected) still succeeds, so `make test` on a CPU machine is as it was.
+collect_ignore_glob = ["test_*.py"] if _SKIP_REASON else []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SKIP_REASON:
+        terminalreporter.write_line(_SKIP_REASON)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SKIP_REASON and exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.OK
 
 
 class DevicePools:

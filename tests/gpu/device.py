@@ -1,6 +1,6 @@
 """Which device the GPU suite runs on: NXD_TEST_DEVICE (default cuda), and why it skips where it cannot run.
 
-`python tests/gpu/device.py` prints the one-line reason and exits 1 when the suite
+`python tests/gpu/device.py` prints the one-line reason and exits 3 when the suite
 would skip (the `make test-gpu` check), or exits 0 silently when it can run.
 """
 
@@ -12,6 +12,7 @@ import sys
 import torch
 
 DEVICE_ENV = "NXD_TEST_DEVICE"
+SKIP_EXIT_CODE = 3
 
 
 def suite_device() -> str:
@@ -43,4 +44,4 @@ if __name__ == "__main__":
     reason = skip_reason()
     if reason is not None:
         print(f"test-gpu: {reason}")
-    sys.exit(0 if reason is None else 1)
+    sys.exit(0 if reason is None else SKIP_EXIT_CODE)
