@@ -233,13 +233,15 @@ class _ShardLayout:
         return shard_of(full, self.dim, self.stride, self.rank, self.world)
 
     def load(self, full_shape, read) -> torch.Tensor:
-        """The weight loader of a padded parameter: a full checkpoint tensor, unpadded or padded as here, to the shard."""
-        full_shape = tuple(full_shape)
-        padded_shape = tuple(self.padded_size if d == self.dim else n for d, n in enumerate(self.full_shape))
-        if full_shape not in (self.full_shape, padded_shape):
+        """The weight loader of a padded parameter: the full, unpadded checkpoint tensor to the padded shard.
+
+        Only the unpadded shape is taken: a tensor of the padded size could hold a real
+        feature where the padding goes, and would lose it silently.
+        """
+        if tuple(full_shape) != self.full_shape:
             raise CheckpointShapeError(
-                f"a padded parameter of full shape {self.full_shape} (padded to {padded_shape}) got a checkpoint "
-                f"tensor of shape {full_shape}; build the layer with the sizes of the checkpoint."
+                f"a parameter padded from full shape {self.full_shape} got a checkpoint tensor of shape "
+                f"{tuple(full_shape)}; load the unpadded tensor (slice the padding off a merged padded one)."
             )
         start = self.rank * self.per_rank
         if self.real == self.per_rank:
@@ -524,7 +526,7 @@ class RowParallelLinear(BaseParallelLinear):
         self.input_size_per_partition = divide(padded, world, what=f"{name} input_size")
         divide(padded, world * stride, what=f"{name} input_size (with stride={stride})")
         self.input_size, self.output_size = padded, output_size
-        self.input_is_parallel, self.skip_bias_add, self.pad = input_is_parallel, skip_bias_add, pad
+        self.input_is_parallel, self.skip_bias_add, self.pad, self.stride = input_is_parallel, skip_bias_add, pad, stride
         self.sequence_parallel_enabled = sequence_parallel_enabled
         self.sequence_dimension = _sequence_dimension(sequence_dimension)
         self.reduce_output, self.reduce_dtype = reduce_output, reduce_dtype
