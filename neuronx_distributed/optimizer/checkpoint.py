@@ -540,7 +540,8 @@ def load_optimizer_state(optimizer, input_dir: str, num_workers_per_step: int = 
     """Load a checkpoint of `save_optimizer_state` into `optimizer` (ZeRO-1 at any DP size, or a plain optimizer).
 
     Every rank calls it. The checkpoint must hold the optimizer of the same model (the
-    same parameter groups and TP-local shapes; CheckpointShapeError otherwise) saved at
+    same parameter groups, TP-local shapes and TP attributes; CheckpointShapeError
+    otherwise; dtypes may differ: the state is cast as torch's `load_state_dict` casts it) saved at
     the current TP degree (ReshardError otherwise); damaged files raise
     CheckpointCorruptError, a folder without a complete checkpoint
     CheckpointNotFoundError or IncompleteCheckpointError. On any error, every rank

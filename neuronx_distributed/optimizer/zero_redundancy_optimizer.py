@@ -276,6 +276,8 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
                 shard.master.grad.mul_(clip_coef.to(shard.master.grad.dtype))
         self.base_optimizer.step()
         self._all_gather_parameters(stepped)
+        for shard in stepped:
+            shard.master.grad = None  # the reduced chunks are spent: do not hold them until zero_grad
         return loss
 
     def _all_shards(self) -> list[_Shard]:
