@@ -51,12 +51,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from neuronx_distributed.parallel_layers import all_reduce_gradients, parallel_state
+from neuronx_distributed.utils.activation_checkpoint import apply_activation_checkpointing
 from sequence_parallel import _local  # the benchmark beside this one: a DTensor's or collective's local tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "training" / "llama"))
-from llama_model import build_llama, causal_lm_loss_sum, llama_config, parallelize_llama  # noqa: E402
+from llama_model import build_llama, build_parallel_llama, causal_lm_loss_sum, llama_config  # noqa: E402
 
 BERT_VOCAB_SIZE = 30522  # the example's tokenizer (padded to 30,592 by llama_config)
 SEED = 1234
@@ -100,15 +102,15 @@ class SavedActivations:
 
 
 def decoder_layers(model):
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
     return [module for module in model.modules() if isinstance(module, LlamaDecoderLayer)]
 
 
 def nxd_variant(config, tp: int, activation_checkpointing: bool):
     """(model, loss function, gradient reduction) of our layout."""
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    model = parallelize_llama(build_llama(config, SEED), activation_checkpointing)
+    model = build_parallel_llama(config, SEED)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, LlamaDecoderLayer))
     reduce = (lambda: all_reduce_gradients(model.parameters())) if tp == 1 else (lambda: None)
     return model, causal_lm_loss_sum, reduce
 
@@ -164,7 +166,6 @@ def torch_variant(config, sequence_parallel: bool, activation_checkpointing: boo
     )
     from torch.distributed.tensor import DTensor, Partial, Replicate
     from torch.distributed.tensor.parallel import parallelize_module
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)  # unused by torch; keeps teardown uniform
     model = parallelize_module(build_llama(config, SEED), mesh, torch_plan(sequence_parallel))

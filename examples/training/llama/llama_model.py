@@ -2,9 +2,10 @@
 
 The model is the unmodified Hugging Face class, built from a config on CPU with
 one seed (so every TP degree starts from the same weights) and then sharded in
-place from the plan it carries: q/k/v and the MLP's gate/up projections split by
-output (heads, with KV heads replicated where TP exceeds their count), o_proj and
-down_proj by input. The lm_head keeps its logits vocabulary-sharded, and the loss
+place from the plan it carries: the embeddings split by vocabulary, q/k/v and the
+MLP's gate/up projections by output (heads, with KV heads replicated where TP
+exceeds their count), o_proj and down_proj by input. The lm_head, split by
+vocabulary, keeps its logits sharded (the plan's entry overridden), and the loss
 is `parallel_cross_entropy` of those shards: no rank ever holds full-vocabulary
 logits.
 
@@ -18,11 +19,9 @@ from __future__ import annotations
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from neuronx_distributed import parallelize
 from neuronx_distributed.parallel_layers.loss_functions import parallel_cross_entropy
-from neuronx_distributed.tp_plan import parallelize
-from neuronx_distributed.utils.activation_checkpoint import apply_activation_checkpointing
 
 VOCAB_PADDING_MULTIPLE = 128
 
@@ -68,6 +67,12 @@ def build_llama(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def build_parallel_llama(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+    """`build_llama(config, seed)` sharded in place from its own tp_plan, the lm_head's logits left vocabulary-sharded."""
+    model = build_llama(config, seed)
+    return parallelize(model, {**model.tp_plan, "lm_head": "colwise"})
+
+
 def causal_lm_loss_sum(model: LlamaForCausalLM, samples: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross entropy of `samples` ([batch, seq_len + 1] token ids) from vocabulary-sharded logits."""
     inputs, labels = samples[:, :-1], samples[:, 1:]
@@ -78,13 +83,3 @@ def causal_lm_loss_sum(model: LlamaForCausalLM, samples: torch.Tensor) -> torch.
 def parameter_bytes(model: torch.nn.Module) -> int:
     """Bytes of this rank's parameters."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-
-def parallelize_llama(model: LlamaForCausalLM, activation_checkpointing: bool) -> LlamaForCausalLM:
-    """Shard `model` in place from its own tp_plan, the lm_head's logits left vocabulary-sharded; optionally
-    checkpoint each decoder layer's activations (recomputed in backward)."""
-    parallelize(model, {**model.tp_plan, "lm_head": "colwise"})
-    if activation_checkpointing:
-        apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, LlamaDecoderLayer))
-    return model
