@@ -128,7 +128,14 @@ def test_initialize_parameter_cpu_upstream_signatures(pools, world_size, tp):
 
 
 def test_base_classes_list_the_parallel_layers():
-    assert set(layers.BaseParallelLinear.__subclasses__()) == {layers.ColumnParallelLinear, layers.RowParallelLinear}
+    from neuronx_distributed.modules import qkv_linear  # upstream's GQA layer is a BaseParallelLinear too
+
+    assert set(layers.BaseParallelLinear.__subclasses__()) == {
+        layers.ColumnParallelLinear,
+        layers.RowParallelLinear,
+        qkv_linear.GQAQKVColumnParallelLinear,
+        qkv_linear.ReplicatedKVColumnParallelLinear,
+    }
     assert set(layers.BaseParallelConv.__subclasses__()) == {
         layers.OutputChannelParallelConv2d,
         layers.InputChannelParallelConv2d,
