@@ -15,10 +15,11 @@ import torch.distributed as dist
 from torch import nn
 
 from neuronx_distributed import parallel_state
-from neuronx_distributed.errors import LayerConfigError
+from neuronx_distributed.errors import LayerConfigError, ReshardError
+from neuronx_distributed.parallel_layers import checkpoint_tools, clip_grad_norm, load, save
 from neuronx_distributed.modules.qkv_linear import GQAQKVColumnParallelLinear, ReplicatedKVColumnParallelLinear
 
-HIDDEN, SEQ, BATCH, LR = 8, 4, 2, 0.1
+HIDDEN, SEQ, BATCH, LR, MAX_NORM = 8, 4, 2, 0.1, 0.05
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -60,6 +61,14 @@ def _cotangent(seed: int, width: int) -> torch.Tensor:
     return torch.randn(SEQ, BATCH, width, generator=torch.Generator().manual_seed(seed + 1))
 
 
+def _check_clipped_norm(layer, reference) -> None:
+    """clip_grad_norm counts each replicated head once: the norm (and clipping) of the unsharded model."""
+    total = clip_grad_norm(list(layer.parameters()), MAX_NORM)
+    expected = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), MAX_NORM)
+    assert expected > MAX_NORM  # the clipping branch runs
+    torch.testing.assert_close(total, expected, **TOL)
+
+
 def _sgd(params) -> None:
     with torch.no_grad():
         for param in params:
@@ -85,6 +94,9 @@ def kv_projection_matches_linear(num_heads: int, head_dim: int, multiplier: int,
     (reference(x_ref)[..., stored] * cotangent).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, **TOL)
     torch.testing.assert_close(layer.weight.grad, reference.weight.grad[local], **TOL)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, reference.bias.grad[local], **TOL)
+    _check_clipped_norm(layer, reference)
     if bias:
         torch.testing.assert_close(layer.bias.grad, reference.bias.grad[local], **TOL)
     _sgd(layer.parameters())
@@ -219,6 +231,8 @@ def gqa_matches_tp1(q_heads, kv_heads, head_dim, multiplier, seed, heads_known=T
         want_grad = x_ref.grad[rank * chunk:(rank + 1) * chunk] if sequence_parallel else x_ref.grad
         torch.testing.assert_close(x_in.grad, want_grad, **TOL)
         _check_weights(layer, reference, layout, fused, grad=True)
+        _check_clipped_norm(layer, reference)
+        _check_weights(layer, reference, layout, fused, grad=True)
         _sgd(layer.parameters())
         _sgd(reference.parameters())
         with torch.no_grad():
@@ -239,3 +253,129 @@ def test_gqa_layer_upstream_layout_and_sequence_parallel(pools):
     """Without head counts the whole KV projection is one replicated block (upstream's layout)."""
     pools.run(4, 4, gqa_matches_tp1, 8, 2, 2, 2, seed=7, heads_known=False)
     pools.run(2, 2, gqa_matches_tp1, 8, 2, 2, 2, seed=8, sequence_parallel=True)
+
+
+# Checkpoints: 8 query heads, 2 KV heads of size 2; saved at TP=4 with kv_size_multiplier=2.
+Q_HEADS, KV_HEADS, HEAD_DIM, SAVED_TP, SAVED_MULTIPLIER = 8, 2, 2, 4, 2
+SIZES = [Q_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
+
+
+def _gqa(seed, multiplier, fused, gather_output=False):
+    torch.manual_seed(seed)
+    return GQAQKVColumnParallelLinear(HIDDEN, SIZES, gather_output=gather_output, fuse_qkv=fused,
+                                      kv_size_multiplier=multiplier, num_key_value_heads=KV_HEADS)
+
+
+def _kv(seed, multiplier):
+    torch.manual_seed(seed)
+    return ReplicatedKVColumnParallelLinear(HIDDEN, KV_HEADS, HEAD_DIM, kv_size_multiplier=multiplier)
+
+
+def _models(seed, multiplier):
+    """Fused and separate GQA layers and a KV projection, in one module."""
+    return nn.ModuleDict({"fused": _gqa(seed, multiplier, True), "separate": _gqa(seed, multiplier, False),
+                          "kv": _kv(seed, multiplier)})
+
+
+def _expected_shards(seed, multiplier) -> dict[str, torch.Tensor]:
+    """This rank's parameters as the TP=1 layers of `seed` give them, cut by the layout's definition."""
+    rank, world = _tp()
+    layout = _GQALayout(SIZES[0], SIZES[1], HEAD_DIM, multiplier, rank, world)
+    reference = _gqa_reference(*SIZES, True, seed, num_key_value_heads=KV_HEADS)
+    single, _ = dist.new_subgroups(1)
+    torch.manual_seed(seed)
+    kv = ReplicatedKVColumnParallelLinear(HIDDEN, KV_HEADS, HEAD_DIM, tensor_model_parallel_group=single)
+    full = {key: getattr(reference, key).detach() for key in ("weight_q", "weight_k", "weight_v", "bias_q", "bias_k", "bias_v")}
+    local = {key: value[layout.q if key.endswith("q") else layout.kv] for key, value in full.items()}
+    expected = {f"separate.{key}": value for key, value in local.items()}
+    for kind in ("weight", "bias"):
+        expected[f"fused.{kind}_qkv"] = torch.cat([local[f"{kind}_{key}"] for key in "qkv"])
+        expected[f"kv.{kind}"] = getattr(kv, kind).detach()[layout.kv]
+    return expected
+
+
+def _assert_loaded(model, seed, multiplier):
+    expected = _expected_shards(seed, multiplier)
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+
+def save_replicated(save_dir: str, seed: int):
+    save({"model": _models(seed, SAVED_MULTIPLIER).state_dict()}, save_dir)
+
+
+def load_resharded(save_dir: str, seed: int, multiplier: int):
+    """Load the TP=4, multiplier-2 checkpoint at this TP degree into layers with `multiplier`."""
+    model = _models(seed + 1, multiplier)
+    load(save_dir, model)
+    _assert_loaded(model, seed, multiplier)
+
+
+def save_full_reference(path: str, seed: int):
+    """A full, Hugging Face style state dict (separate q/k/v weights) of the TP=1 layers of `seed`."""
+    from safetensors.torch import save_file
+
+    reference = _gqa_reference(*SIZES, True, seed, num_key_value_heads=KV_HEADS)
+    single, _ = dist.new_subgroups(1)
+    torch.manual_seed(seed)
+    kv = ReplicatedKVColumnParallelLinear(HIDDEN, KV_HEADS, HEAD_DIM, tensor_model_parallel_group=single)
+    full = {f"separate.{key}": value.detach() for key, value in reference.state_dict().items()}
+    full.update({f"fused.{key.removeprefix('separate.')}": value.clone() for key, value in full.items()})
+    full.update({f"kv.{key}": value.detach() for key, value in kv.state_dict().items()})
+    if dist.get_rank() == 0:
+        save_file(full, path)
+    return {key: value for key, value in full.items() if not key.startswith("fused.")}
+
+
+def load_full(path: str, seed: int, multiplier: int):
+    model = _models(seed + 1, multiplier)
+    load(path, model, sharded=False)
+    _assert_loaded(model, seed, multiplier)
+
+
+@pytest.fixture(scope="module")
+def replicated_checkpoint(pools, tmp_path_factory):
+    save_dir = str(tmp_path_factory.mktemp("gqa") / "tp4")
+    pools.run(SAVED_TP, SAVED_TP, save_replicated, save_dir, 11)
+    return save_dir
+
+
+def test_checkpoint_round_trip_and_reshard(pools, replicated_checkpoint):
+    """Same TP and multiplier; TP=2 with the copies dropped (m=1) or kept (m=2); TP=1."""
+    pools.run(4, 4, load_resharded, replicated_checkpoint, 11, SAVED_MULTIPLIER)
+    pools.run(2, 2, load_resharded, replicated_checkpoint, 11, 1)
+    pools.run(2, 2, load_resharded, replicated_checkpoint, 11, 2)
+    pools.run(1, 1, load_resharded, replicated_checkpoint, 11, 1)
+
+
+def test_reshard_tool_keeps_the_copies(pools, replicated_checkpoint, tmp_path):
+    resharded = str(tmp_path / "tp2")
+    checkpoint_tools.reshard(replicated_checkpoint, resharded, 2)
+    pools.run(2, 2, load_resharded, resharded, 11, SAVED_MULTIPLIER)
+    with pytest.raises(ReshardError, match="split across 3 tensor-parallel ranks"):
+        checkpoint_tools.reshard(replicated_checkpoint, str(tmp_path / "tp3"), 3)
+
+
+def test_merge_writes_each_head_once(pools, replicated_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    from neuronx_distributed.cli import main
+
+    out = str(tmp_path / "merged")
+    assert main(["checkpoint", "merge", replicated_checkpoint, out]) == 0
+    merged = load_file(f"{out}/model.safetensors")
+    full = pools.run(1, 1, save_full_reference, str(tmp_path / "full.safetensors"), 11)[0]
+    for key, value in full.items():
+        assert torch.equal(merged[key], value), key
+    for kind in ("weight", "bias"):
+        fused = torch.cat([full[f"separate.{kind}_{key}"] for key in "qkv"])
+        assert torch.equal(merged[f"fused.{kind}_qkv"], fused)
+
+
+def test_full_checkpoint_with_separate_qkv_loads_into_replicated_layers(pools, tmp_path):
+    path = str(tmp_path / "full.safetensors")
+    pools.run(1, 1, save_full_reference, path, 13)
+    pools.run(4, 4, load_full, path, 13, 2)
+    pools.run(2, 2, load_full, path, 13, 1)

@@ -54,7 +54,7 @@ from ..parallel_layers.resharding import (
     set_partition_parts,
 )
 from ..parallel_layers.utils import set_tensor_model_parallel_attributes
-from ..parallel_layers.weight_loading import set_weight_loader
+from ..parallel_layers.weight_loading import set_checkpoint_parts, set_weight_loader
 
 
 def check_kv_replication(layer: str, num_kv_heads: int, kv_size_multiplier: int, world: int, unit: str = "heads") -> None:
@@ -376,6 +376,8 @@ class GQAQKVColumnParallelLinear(BaseParallelLinear):
                     self._ties[f"{name_}_{key}"] = _CopyTie(member_parts, rank, world, self.tensor_parallel_group)
                 else:
                     param = _replicated_parameter(torch.cat([tensors[m] for m in members]), world)
+                if key == "qkv":  # checkpoints (ours unfused, Hugging Face's) often store it as q, k, v
+                    set_checkpoint_parts(param, [f"{name_}_{member}" for member in members])
                 setattr(self, f"{name_}_{key}", param)
 
         self._ties: dict[str, _CopyTie] = {}

@@ -52,6 +52,7 @@ from .manifest_schema import (  # noqa: F401 - the format's names, used as fmt.<
     rank_folder,
     shard_file_path,
 )
+from .resharding import Part, logical_size, stride_parts
 from .state_tree import TensorRef, decode, tensor_names
 
 MANIFEST_NAME = "manifest.json"
@@ -72,18 +73,40 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class TensorEntry:
-    """A tensor of the checkpoint: its global (unsharded) shape, dtype and layout across TP ranks."""
+    """A tensor of the checkpoint: its global (unsharded) shape, dtype and layout across TP ranks.
+
+    `parts` (written only when set): the partition dim is made of parts of these sizes
+    (`resharding.Part`: size, replication, block), e.g. a fused GQA weight or replicated KV
+    heads; `shape` is then the stored shape, every copy included, and `logical_shape` the
+    model's tensor (each block once).
+    """
 
     shape: list[int]
     dtype: str
     layout: str
     partition_dim: int | None = None
     partition_stride: int = 1
+    parts: list[dict] | None = None
+
+    def row_parts(self) -> tuple[Part, ...]:
+        """The parts of a sharded tensor's partition dim (equal parts of its stride when none are recorded)."""
+        if self.parts is not None:
+            return tuple(Part(**part) for part in self.parts)
+        return stride_parts(self.shape[self.partition_dim], self.partition_stride)
+
+    @property
+    def logical_shape(self) -> list[int]:
+        """The shape of the model's tensor: the stored shape with each replicated block counted once."""
+        if self.parts is None:
+            return list(self.shape)
+        shape = list(self.shape)
+        shape[self.partition_dim] = logical_size(self.row_parts())
+        return shape
 
     @property
     def nbytes(self) -> int:
-        """Size of the whole (unsharded) tensor."""
-        return math.prod(self.shape) * getattr(torch, self.dtype).itemsize
+        """Size of the whole (unsharded, logical) tensor."""
+        return math.prod(self.logical_shape) * getattr(torch, self.dtype).itemsize
 
 
 @dataclass
@@ -110,7 +133,11 @@ class Manifest:
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        raw = asdict(self)
+        for entry in raw["tensors"].values():
+            if entry["parts"] is None:
+                del entry["parts"]  # plain tensors keep the manifest that readers without `parts` know
+        return json.dumps(raw, indent=1)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:

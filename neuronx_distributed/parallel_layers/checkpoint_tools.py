@@ -36,8 +36,8 @@ from ..errors import (
     ReshardError,
 )
 from . import checkpoint_format as fmt
-from .resharding import check_divisible
-from .sharded_source import ShardedSource
+from .resharding import logical_parts
+from .sharded_source import ShardedSource, Target, check_entry_divisible
 from .state_tree import TensorRef, decode
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -74,7 +74,7 @@ def check_tensor_parallel_size(tensor_parallel_size, manifest: fmt.Manifest) -> 
                 f"and cannot be resharded to TP={tensor_parallel_size}."
             )
         if entry.layout == fmt.SHARDED:
-            check_divisible(name, entry.shape, entry.partition_dim, entry.partition_stride, tensor_parallel_size)
+            check_entry_divisible(name, entry, tensor_parallel_size)
 
 
 def _same_folder(first: str, second: str) -> bool:
@@ -155,6 +155,9 @@ def merge(load_dir: str, out_dir: str, model_key: str | None = None, max_shard_b
           progress: bool = False) -> list[str]:
     """Write the model's unsharded tensors to `out_dir`; return the files written.
 
+    Replicated KV heads (a tensor whose manifest entry records parts with copies) are
+    written once each: the model's logical tensor, as the unreplicated layer holds it.
+
     Every file is written aside and renamed into place once all are complete, so a
     failed merge leaves an earlier merge in `out_dir` as it was; a finished one
     replaces it, deleting its files that the new one does not have. A model tensor
@@ -191,7 +194,9 @@ def merge(load_dir: str, out_dir: str, model_key: str | None = None, max_shard_b
                 for file_name, keys in zip(files, groups):
                     tensors = {}
                     for key in keys:
-                        tensors[key] = source.read(names[key])
+                        entry = manifest.tensors[names[key]]
+                        logical = Target(logical_parts(entry.row_parts()), 0, 1) if entry.layout == fmt.SHARDED else None
+                        tensors[key] = source.read(names[key], logical)
                         bar.update()
                     written.append(_write_aside(os.path.join(out_dir, file_name), partial(save_file, tensors, metadata={"format": "pt"})))
             if len(files) > 1:

@@ -38,7 +38,7 @@ import uuid
 import warnings
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -58,12 +58,21 @@ from ..errors import (
 )
 from . import checkpoint_format as fmt
 from . import parallel_state
-from .resharding import check_divisible, read_shard, shard_shape
-from .sharded_source import ShardedSource
+from .resharding import (
+    Part,
+    check_divisible,
+    logical_size,
+    partition_parts,
+    read_shard,
+    replicated,
+    shard_shape,
+    stride_parts,
+)
+from .sharded_source import ShardedSource, Target
 from .state_tree import TensorRef, decode, flatten
 from .unsharded import open_unsharded
 from .utils import tensor_model_parallel_attributes
-from .weight_loading import get_weight_loader
+from .weight_loading import get_checkpoint_parts, get_weight_loader
 
 
 @dataclass(frozen=True)
@@ -164,8 +173,18 @@ def _optimizer_param_keys(optimizer_state: dict, model: dict) -> dict:
     return {index: keys[index] for g in groups for index in g["params"] if isinstance(index, int) and 0 <= index < len(keys)}
 
 
+def _sharded_layout(attributes: dict) -> tuple:
+    """(layout, partition_dim, stride, parts) of a sharded tensor; parts only where a stride cannot say it."""
+    dim, stride, parts = attributes["partition_dim"], attributes["partition_stride"], attributes.get("partition_parts")
+    if parts is None:
+        return fmt.SHARDED, dim, stride, None
+    if not replicated(parts) and len({part.size for part in parts}) == 1:
+        return fmt.SHARDED, dim, len(parts), None
+    return fmt.SHARDED, dim, 1, [asdict(part) for part in parts]
+
+
 def _layouts(state, model_key: str | None) -> dict[int, tuple]:
-    """id(tensor) -> (layout, partition_dim, stride) for every tensor whose layout is not `replicated`."""
+    """id(tensor) -> (layout, partition_dim, stride, parts) for every tensor whose layout is not `replicated`."""
     model = _model_state(state, model_key)
     if model is None:
         return {}
@@ -174,7 +193,7 @@ def _layouts(state, model_key: str | None) -> dict[int, tuple]:
         if isinstance(value, torch.Tensor):
             attributes = tensor_model_parallel_attributes(value)
             if attributes.get("tensor_model_parallel"):
-                layouts[id(value)] = (fmt.SHARDED, attributes["partition_dim"], attributes["partition_stride"])
+                layouts[id(value)] = _sharded_layout(attributes)
     for optimizer_state in _optimizer_states(state):
         param_keys = _optimizer_param_keys(optimizer_state, model)
         matched, found = {}, True
@@ -193,7 +212,7 @@ def _layouts(state, model_key: str | None) -> dict[int, tuple]:
             for per_param in optimizer_state["state"].values():
                 for value in per_param.values() if isinstance(per_param, dict) else ():
                     if isinstance(value, torch.Tensor) and value.dim() > 0:
-                        layouts[id(value)] = (fmt.LOCAL, None, 1)
+                        layouts[id(value)] = (fmt.LOCAL, None, 1, None)
     return layouts
 
 
@@ -242,8 +261,8 @@ def _write_rank_shard(state, save_dir: str, model_key, placement: _Placement, sa
     model_names = _model_tensor_names(flat, state, model_key) if placement.tp_size > 1 else set()
     entries, fingerprints = {}, {}
     for name, tensor in flat.tensors.items():
-        layout, dim, stride = layouts.get(id(tensor), (fmt.REPLICATED, None, 1))
-        entries[name] = fmt.TensorEntry(list(tensor.shape), fmt.dtype_name(tensor.dtype), layout, dim, stride)
+        layout, dim, stride, parts = layouts.get(id(tensor), (fmt.REPLICATED, None, 1, None))
+        entries[name] = fmt.TensorEntry(list(tensor.shape), fmt.dtype_name(tensor.dtype), layout, dim, stride, parts)
         if layout == fmt.REPLICATED and name in model_names:
             fingerprints[name] = _fingerprint(tensors[name])
     file_entry = fmt.write_shard_file(save_dir, placement.tp_rank, save_id, tensors, flat.structure)
@@ -287,7 +306,9 @@ def _global_entries(entries_per_rank: list[dict], fingerprints: list[dict] | Non
                     )
             shape = list(first.shape)
             shape[first.partition_dim] *= world
-            merged[name] = fmt.TensorEntry(shape, first.dtype, fmt.SHARDED, first.partition_dim, first.partition_stride)
+            merged[name] = fmt.TensorEntry(
+                shape, first.dtype, fmt.SHARDED, first.partition_dim, first.partition_stride, first.parts
+            )
             continue
         fingerprinted = any(name in ranks for ranks in fingerprints)
         differs = any(entry != first for entry in per_rank)
@@ -488,6 +509,13 @@ def _check_sharding(key: str, target: torch.Tensor, entry: fmt.TensorEntry, worl
     attributes = tensor_model_parallel_attributes(target)
     if world_size == 1 or not attributes.get("tensor_model_parallel"):
         return
+    if entry.layout == fmt.SHARDED and (entry.parts is not None or "partition_parts" in attributes):
+        if entry.partition_dim != attributes["partition_dim"]:
+            raise CheckpointShapeError(
+                f"'{key}' is sharded along dim {attributes['partition_dim']} in the model but the checkpoint saved it "
+                f"along dim {entry.partition_dim}; load into the same kind of layer."
+            )
+        return  # the parts (and their replication) are mapped through the logical tensor
     saved = (entry.partition_dim, entry.partition_stride) if entry.layout == fmt.SHARDED else None
     wanted = (attributes["partition_dim"], attributes["partition_stride"])
     if saved != wanted:
@@ -495,6 +523,25 @@ def _check_sharding(key: str, target: torch.Tensor, entry: fmt.TensorEntry, worl
             f"'{key}' is sharded along dim {wanted[0]} with stride {wanted[1]} in the model but the checkpoint "
             f"saved it {'along dim %d with stride %d' % saved if saved else 'unsharded'}; load into the same kind of layer."
         )
+
+
+def _target_layout(target: torch.Tensor, entry: fmt.TensorEntry, placement: _Placement) -> Target | None:
+    """The layout a model parameter wants a sharded checkpoint tensor in, where parts or replication are involved.
+
+    None where neither side has parts (the saved stride is cut as before). A parameter
+    without parts is a plain shard of the logical tensor, or the whole of it when it is
+    not tensor-parallel.
+    """
+    parts = partition_parts(target)
+    if entry.layout != fmt.SHARDED or (parts is None and entry.parts is None):
+        return None
+    if parts is not None:
+        return Target(tuple(parts), placement.tp_rank, placement.tp_size)
+    attributes = tensor_model_parallel_attributes(target)
+    if attributes.get("tensor_model_parallel") and placement.tp_size > 1:
+        rows = target.shape[entry.partition_dim] * placement.tp_size if target.dim() > entry.partition_dim else 0
+        return Target(stride_parts(rows, attributes["partition_stride"]), placement.tp_rank, placement.tp_size)
+    return Target((Part(logical_size(entry.row_parts())),), 0, 1)
 
 
 def _host_turns(placement: _Placement) -> tuple[int, int]:
@@ -558,7 +605,7 @@ def _load_sharded(load_dir, model, model_key, strict, verify, placement):
         fmt.verify_file(load_dir, structure_file)
     source = ShardedSource(load_dir, manifest, placement.tp_rank, placement.tp_size)
     tree = decode(source.structure, TensorRef)
-    targets, sources, rest = None, {}, tree
+    targets, sources, rest, layouts = None, {}, tree, {}
     if model is not None:
         model_tree = _model_state(tree, model_key, TensorRef)
         if model_tree is None:
@@ -571,9 +618,13 @@ def _load_sharded(load_dir, model, model_key, strict, verify, placement):
         refs = {key: value.name for key, value in model_tree.items() if isinstance(value, TensorRef)}
         sources = {key: refs[alias] for key, alias in _match_keys(model, targets, refs, strict).items()}
         for key, name in sources.items():
-            source.check_loadable([name])
-            _check_shape(key, targets[key], source.local_shape(name), manifest.tensors[name].shape)
-            _check_sharding(key, targets[key], manifest.tensors[name], placement.tp_size)
+            entry = manifest.tensors[name]
+            layout = _target_layout(targets[key], entry, placement)
+            if layout is not None:
+                layouts[name] = layout
+            source.check_loadable([name], layouts)
+            _check_shape(key, targets[key], source.local_shape(name, layout), entry.logical_shape)
+            _check_sharding(key, targets[key], entry, placement.tp_size)
         rest = {key: value for key, value in tree.items() if key != model_key} if model_tree is not tree else {}
     rest_names = _refs(rest)
     source.check_loadable(rest_names)
@@ -584,7 +635,7 @@ def _load_sharded(load_dir, model, model_key, strict, verify, placement):
 
     def read_phase():
         if targets is not None:
-            _copy_into(targets, sources, source.read)
+            _copy_into(targets, sources, lambda name: source.read(name, layouts[name]) if name in layouts else source.read(name))
         return _resolved(rest, source.read)
 
     return read_phase, bool(rest_names)
@@ -592,8 +643,8 @@ def _load_sharded(load_dir, model, model_key, strict, verify, placement):
 
 def _load_unsharded(path, model, model_key, strict, placement):
     """Check an unsharded load into `model`; return (its read phase, False: it returns nothing)."""
-    source = open_unsharded(path, model_key)
     targets = model.state_dict(keep_vars=True)
+    source = _JoinedParts.around(open_unsharded(path, model_key), targets)
     sources = _match_keys(model, targets, source.keys(), strict)
     plans = {}
     loaders = {}
@@ -627,6 +678,58 @@ def _load_unsharded(path, model, model_key, strict, placement):
         )
 
     return lambda: _copy_into(targets, sources, read), False
+
+
+class _JoinedParts:
+    """An unsharded source where a fused parameter's full tensor, stored as several tensors, appears under its own key.
+
+    The parameter names its parts (`weight_loading.set_checkpoint_parts`); they are joined
+    (concatenated along dim 0) when the checkpoint lacks the parameter's key but has them all.
+    """
+
+    def __init__(self, source, joined: dict[str, list[str]]):
+        self.source, self.joined = source, joined
+        self._hidden = {part for parts in joined.values() for part in parts}
+
+    @classmethod
+    def around(cls, source, targets: dict[str, torch.Tensor]):
+        available, joined = set(source.keys()), {}
+        for key, target in targets.items():
+            names = get_checkpoint_parts(target)
+            prefix = key.rpartition(".")[0]
+            parts = [f"{prefix}.{name}" if prefix else name for name in names or ()]
+            if names and key not in available and all(part in available for part in parts):
+                joined[key] = parts
+        return cls(source, joined) if joined else source
+
+    def keys(self) -> list[str]:
+        return [key for key in self.source.keys() if key not in self._hidden] + list(self.joined)
+
+    def shape(self, key: str) -> list[int]:
+        if key not in self.joined:
+            return self.source.shape(key)
+        shapes = [self.source.shape(part) for part in self.joined[key]]
+        if any(len(shape) == 0 or shape[1:] != shapes[0][1:] for shape in shapes):
+            raise CheckpointShapeError(
+                f"'{key}' is stored as {self.joined[key]} of shapes {shapes}, which do not concatenate along dim 0; "
+                "load the checkpoint of the model this layer was built for."
+            )
+        return [sum(shape[0] for shape in shapes), *shapes[0][1:]]
+
+    def read(self, key: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        if key not in self.joined:
+            return self.source.read(key, dim, start, stop)
+        pieces, offset = [], 0
+        for part in self.joined[key]:
+            rows = self.source.shape(part)[0]
+            if dim is None:
+                pieces.append(self.source.read(part))
+            elif dim != 0:
+                pieces.append(self.source.read(part, dim, start, stop))
+            elif start < offset + rows and stop > offset:
+                pieces.append(self.source.read(part, 0, max(start - offset, 0), min(stop - offset, rows)))
+            offset += rows
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def load(load_dir: str, model: nn.Module | None = None, model_key: str | None = "model", sharded: bool = True,

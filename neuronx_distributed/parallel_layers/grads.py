@@ -12,6 +12,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from .. import comm
 from ..errors import ParallelSizeError
 from . import parallel_state
+from .resharding import partition_parts, replica_pieces
 from .utils import is_tensor_parallel
 
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
@@ -33,7 +34,7 @@ def get_grad_norm(
     """The total gradient norm over the whole (unsharded) model, as upstream's `grads.get_grad_norm`.
 
     Sharded parameters contribute on every TP rank; replicated ones only on TP rank 0,
-    so each element is counted once and the result equals
+    so each element is counted once (a replicated KV head once, not once per copy) and the result equals
     `torch.linalg.vector_norm` of every gradient of the unsharded model. `norm_type`
     may be `inf`. With `zero1_optimizer=True` the parameters are this rank's ZeRO-1
     shards and the norm is also summed over the data-parallel group;
@@ -60,11 +61,20 @@ def get_grad_norm(
     norm_type = float(norm_type)
     params = [p for p in _as_list(parameters) if p.grad is not None]
     first_in_group = dist.get_rank(group) == 0
-    counted = [p.grad for p in params if is_tensor_parallel(p) or first_in_group]
+    world = dist.get_world_size(group)
+    # Rows of replicated KV heads (resharding.Part) are held `copies` times across the group: each counts 1/copies.
+    counted = [
+        (piece, copies)
+        for p in params if is_tensor_parallel(p) or first_in_group
+        for piece, copies in replica_pieces(p.grad.detach(), partition_parts(p), world, getattr(p, "partition_dim", 0))
+    ]
     device = params[0].grad.device if params else torch.device("cpu")
     if counted:
-        per_tensor = torch.stack([torch.linalg.vector_norm(g.detach(), norm_type, dtype=torch.float32) for g in counted])
-        local = per_tensor.max() if norm_type == float("inf") else per_tensor.pow(norm_type).sum()
+        norms = [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g, _ in counted]
+        if norm_type == float("inf"):
+            local = torch.stack(norms).max()
+        else:
+            local = torch.stack([norm.pow(norm_type) / copies for norm, (_, copies) in zip(norms, counted)]).sum()
     else:
         local = torch.zeros((), dtype=torch.float32, device=device)
     local = local.reshape(1)

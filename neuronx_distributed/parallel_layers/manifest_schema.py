@@ -36,6 +36,7 @@ _CRC32 = re.compile(r"^[0-9a-f]{8}$")
 _TOP_LEVEL = {"tensor_parallel_size", "save_id", "model_key", "files", "tensors", "format", "version", "checksum", "extra"}
 _FILE_FIELDS = {"path", "bytes", "crc32"}
 _TENSOR_FIELDS = {"shape", "dtype", "layout", "partition_dim", "partition_stride"}
+_PART_FIELDS = {"size", "replication", "block"}
 _MAX_RANK = 64  # dimensions of a tensor
 
 
@@ -91,7 +92,7 @@ def _check_file(entry, rank: int, save_id: str) -> None:
 
 def _check_tensor(name: str, entry, tp_size: int) -> None:
     where = f"tensors[{name!r:.200}]"
-    _fields(entry, where, _TENSOR_FIELDS)
+    _fields(entry, where, _TENSOR_FIELDS, {"parts"})
     shape = entry["shape"]
     if not isinstance(shape, list) or len(shape) > _MAX_RANK or not all(_is_int(size) and size >= 0 for size in shape):
         _fail(f"{where}.shape", f"is {shape!r:.80}, not a list of at most {_MAX_RANK} sizes >= 0")
@@ -101,13 +102,33 @@ def _check_tensor(name: str, entry, tp_size: int) -> None:
         _fail(f"{where}.layout", f"is {entry['layout']!r:.80}, not one of {list(LAYOUTS)}")
     stride = _int_field(entry["partition_stride"], f"{where}.partition_stride", 1)
     if entry["layout"] != SHARDED:
-        if entry["partition_dim"] is not None or stride != 1:
-            _fail(where, f"is {entry['layout']} but has a partition_dim or stride (only sharded tensors do)")
+        if entry["partition_dim"] is not None or stride != 1 or "parts" in entry:
+            _fail(where, f"is {entry['layout']} but has a partition_dim, stride or parts (only sharded tensors do)")
         return
     dim = _int_field(entry["partition_dim"], f"{where}.partition_dim", 0, len(shape) - 1)
+    if "parts" in entry:
+        _check_parts(where, entry["parts"], shape[dim], stride, tp_size)
     if shape[dim] % (stride * tp_size):
         _fail(f"{where}.shape", f"has size {shape[dim]} along partition_dim {dim}, which a TP={tp_size} save with "
               f"stride {stride} cannot have written")
+
+
+def _check_parts(where: str, parts, size: int, stride: int, tp_size: int) -> None:
+    """The parts of a sharded tensor: blocks of whole copies, each part split evenly by the TP degree that saved it."""
+    if not isinstance(parts, list) or not 1 <= len(parts) <= size or stride != 1:
+        _fail(f"{where}.parts", f"is {parts!r:.80}, not a non-empty list of parts (with partition_stride 1)")
+    total = 0
+    for index, part in enumerate(parts):
+        at = f"{where}.parts[{index}]"
+        _fields(part, at, _PART_FIELDS)
+        rows = _int_field(part["size"], f"{at}.size", 1)
+        copies = _int_field(part["replication"], f"{at}.replication", 1)
+        block = _int_field(part["block"], f"{at}.block", 1)
+        if rows % (copies * block) or rows % tp_size:
+            _fail(at, f"has {rows} rows, not whole blocks of {block} x {copies} copies split by TP={tp_size}")
+        total += rows
+    if total != size:
+        _fail(f"{where}.parts", f"add up to {total} rows, but the partition dim has {size}")
 
 
 def check_manifest(raw) -> None:

@@ -195,3 +195,11 @@ def parts_weight_loader(parts: Sequence[Part], rank: int, world_size: int, parti
         return read_pieces(pieces, partition_dim, lambda _, start, stop: read(partition_dim, start, stop))
 
     return load
+
+
+def replica_pieces(shard: torch.Tensor, parts: Sequence[Part] | None, world_size: int, partition_dim: int = 0):
+    """`shard` cut into its parts: (piece, how many copies of each of its rows the TP group holds)."""
+    if parts is None or not replicated(parts):
+        return [(shard, 1)]
+    pieces = shard.split([part.size // world_size for part in parts], dim=partition_dim)
+    return list(zip(pieces, [part.replication for part in parts]))

@@ -1,21 +1,42 @@
 """Read a sharded checkpoint as any TP rank of any TP degree sees it.
 
 Sharded tensors are cut from the slices of the source shards that the target
-rank needs (`resharding`); replicated and per-rank values, and the state
-structure, come from the source rank with the target's index when there is one,
-else from TP rank 0. Every shard file is checked against the manifest
-(`checkpoint_format.check_shard_file`) before safetensors opens it.
+rank needs (`resharding`), in the saved layout (its parts and replicated blocks)
+or in a `Target` layout that the model's parameter declares; replicated and
+per-rank values, and the state structure, come from the source rank with the
+target's index when there is one, else from TP rank 0. Every shard file is
+checked against the manifest (`checkpoint_format.check_shard_file`) before
+safetensors opens it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from safetensors import safe_open
 
-from ..errors import CheckpointCorruptError, ReshardError
+from ..errors import CheckpointCorruptError, CheckpointShapeError, ReshardError
 from . import checkpoint_format as fmt
-from .resharding import check_divisible, read_shard, shard_shape
+from .resharding import Part, check_divisible, check_parts, logical_size, parts_pieces, read_pieces
 from .state_tree import tensor_names
+
+
+@dataclass(frozen=True)
+class Target:
+    """The layout a reader wants a sharded tensor in: rank `rank` of `world_size`, partition dim made of `parts`."""
+
+    parts: tuple[Part, ...]
+    rank: int
+    world_size: int
+
+
+def check_entry_divisible(name: str, entry: fmt.TensorEntry, world_size: int) -> None:
+    """Raise ReshardError unless the sharded tensor `entry`, in its saved layout, splits across `world_size` ranks."""
+    if entry.parts is None:
+        check_divisible(name, entry.shape, entry.partition_dim, entry.partition_stride, world_size)
+    else:
+        check_parts(name, entry.row_parts(), world_size)
 
 
 class ShardedSource:
@@ -43,10 +64,13 @@ class ShardedSource:
         """Every tensor name in this rank's structure."""
         return list(dict.fromkeys(tensor_names(self.structure)))
 
-    def check_loadable(self, names) -> None:
-        """Raise ReshardError for any of `names` that cannot be cut for this TP degree; check the files they are read from."""
+    def check_loadable(self, names, targets: dict[str, Target] | None = None) -> None:
+        """Raise ReshardError for any of `names` that cannot be cut for this TP degree (or its target in `targets`);
+        check the files they are read from."""
+        targets = targets or {}
         for name in names:
             entry = self.manifest.tensors[name]
+            target = targets.get(name)
             if entry.layout == fmt.LOCAL and self.world_size != self.source_world:
                 raise ReshardError(
                     f"'{name}' holds a different value on each of the {self.source_world} TP ranks that saved it and "
@@ -54,8 +78,16 @@ class ShardedSource:
                     "is per-rank when its parameters could not be matched to the model: build the optimizer from "
                     "model.named_parameters() to record the match.)"
                 )
-            if entry.layout == fmt.SHARDED:
-                check_divisible(name, entry.shape, entry.partition_dim, entry.partition_stride, self.world_size)
+            if entry.layout == fmt.SHARDED and target is None:
+                check_entry_divisible(name, entry, self.world_size)
+            if entry.layout == fmt.SHARDED and target is not None:
+                saved = logical_size(entry.row_parts())
+                if logical_size(target.parts) != saved:
+                    raise CheckpointShapeError(
+                        f"'{name}' holds {saved} rows along dim {entry.partition_dim} (each replicated head once) but "
+                        f"the model's parameter shards {logical_size(target.parts)}; build the model with the sizes it "
+                        "was saved with."
+                    )
             for source in self._ranks_read([name]):
                 if name not in self.check_file(source).names:
                     raise CheckpointCorruptError(
@@ -63,16 +95,23 @@ class ShardedSource:
                         "and the manifest lists; the checkpoint's files do not belong together: restore it from a copy."
                     )
 
-    def local_shape(self, name: str) -> list[int]:
-        """The shape of this rank's tensor `name`."""
+    def target(self, name: str) -> Target:
+        """This rank's layout of sharded tensor `name` in the saved layout (parts and replication as saved)."""
+        return Target(self.manifest.tensors[name].row_parts(), self.rank, self.world_size)
+
+    def local_shape(self, name: str, target: Target | None = None) -> list[int]:
+        """The shape of this rank's tensor `name` (in `target`'s layout when given)."""
         entry = self.manifest.tensors[name]
+        shape = list(entry.shape)
         if entry.layout == fmt.SHARDED:
-            return shard_shape(entry.shape, entry.partition_dim, self.world_size)
-        return list(entry.shape)
+            target = target or self.target(name)
+            shape[entry.partition_dim] = sum(part.size for part in target.parts) // target.world_size
+        return shape
 
     def _ranks_read(self, names) -> list[int]:
         ranks = {self.source_rank}
-        if any(self.manifest.tensors[name].layout == fmt.SHARDED for name in names) and self.world_size != self.source_world:
+        sharded = [self.manifest.tensors[name] for name in names if self.manifest.tensors[name].layout == fmt.SHARDED]
+        if sharded and (self.world_size != self.source_world or any(entry.parts is not None for entry in sharded)):
             ranks = set(range(self.source_world))
         return sorted(ranks)
 
@@ -80,21 +119,17 @@ class ShardedSource:
         """The shard files that reading `names` touches."""
         return [self.manifest.files[rank] for rank in self._ranks_read(names)]
 
-    def read(self, name: str) -> torch.Tensor:
-        """This rank's tensor `name`, cut from the source shards."""
+    def read(self, name: str, target: Target | None = None) -> torch.Tensor:
+        """This rank's tensor `name` (in `target`'s layout when given), cut from the source shards."""
         entry = self.manifest.tensors[name]
-        if entry.layout != fmt.SHARDED or self.world_size == self.source_world:
+        if entry.layout != fmt.SHARDED:
+            return self._read_piece(self.source_rank, name, None, 0, 0)
+        saved, target = entry.row_parts(), target or self.target(name)
+        if (target.parts, target.rank, target.world_size) == (saved, self.source_rank, self.source_world):
             return self._read_piece(self.source_rank, name, None, 0, 0)
         dim = entry.partition_dim
-        return read_shard(
-            entry.shape,
-            dim,
-            entry.partition_stride,
-            self.source_world,
-            self.rank,
-            self.world_size,
-            lambda source, start, stop: self._read_piece(source, name, dim, start, stop),
-        )
+        pieces = parts_pieces(saved, self.source_world, target.parts, target.rank, target.world_size)
+        return read_pieces(pieces, dim, lambda source, start, stop: self._read_piece(source, name, dim, start, stop))
 
     def _read_piece(self, source: int, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
         with safe_open(self.check_file(source).path, framework="pt") as file:
