@@ -3,7 +3,7 @@
 Exports the seed's names and those of upstream NxD 2.x's `parallel_layers` package.
 """
 
-from . import grads, layer_norm, layers, loss_functions, mappings, parallel_state, random, utils
+from . import grads, layer_norm, layers, loss_functions, mappings, pad, parallel_state, random, utils
 from .checkpointing import load, save
 from .grads import all_reduce_gradients, allreduce_sequence_parallel_gradients, clip_grad_norm, optimizer_step
 from .layers import (
@@ -53,6 +53,7 @@ __all__ = [
     "model_parallel_xla_manual_seed",
     "move_model_to_device",
     "optimizer_step",
+    "pad",
     "parallel_cross_entropy",
     "parallel_state",
     "random",
