@@ -6,7 +6,7 @@
 
 The model has TinyLlama-1.1B's layer shape (hidden 2048, intermediate 5632, 32 heads,
 4 KV heads, SwiGLU MLP, RMSNorm), scaled to fit one host: by default 2 layers and a
-16384-word vocabulary (154M fp32 parameters). It is built from our TP layers
+16384-word vocabulary (155M fp32 parameters). It is built from our TP layers
 (ParallelEmbedding, Column/RowParallelLinear, vocabulary-parallel loss) and trained on
 random tokens, `--batch` sequences of `--seq` tokens per DP rank. Both topologies run in
 the same launch, one after the other, each with these variants:
