@@ -221,6 +221,7 @@ class _Swap:
 
     name: str
     entry: str
+    style_name: str
     style: _Style
     module: nn.Module
     layouts: dict
@@ -229,7 +230,7 @@ class _Swap:
 
 
 def _fail(swap: _Swap, what: str) -> ParallelizePlanError:
-    return ParallelizePlanError(f"module {swap.name!r} (plan entry {swap.entry!r}: {swap.style.kind}): {what}")
+    return ParallelizePlanError(f"module {swap.name!r} (plan entry {swap.entry!r}: {swap.style_name!r}): {what}")
 
 
 def _layouts(swap: _Swap, world: int) -> dict:
@@ -456,7 +457,7 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, *, device=
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     swaps = {}
     for name, (entry, style_name) in _planned_modules(model, plan, user_plan).items():
-        swap = _Swap(name, entry, STYLES[style_name], model.get_submodule(name), {})
+        swap = _Swap(name, entry, style_name, STYLES[style_name], model.get_submodule(name), {})
         if swap.style.kind != "replicate":
             swap.layouts = _layouts(swap, world)
         swaps[name] = swap

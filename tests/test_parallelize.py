@@ -35,9 +35,11 @@ VOCAB, BATCH, SEQ = 128, 2, 8
 def _family(name: str):
     """(model class, config, number of modules the plan replaces) of a tiny random model."""
     common = dict(vocab_size=VOCAB, num_hidden_layers=2)
-    if name == "llama":  # grouped-query attention: 4 query heads, 2 key/value heads
+    if name == "llama":  # grouped-query attention: 4 query heads, 2 key/value heads; eager attention reads
+        # num_key_value_groups (SDPA, which Qwen2 uses here, infers the grouping from the shapes)
         config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                          num_key_value_heads=2, max_position_embeddings=64, **common)
+                                          num_key_value_heads=2, max_position_embeddings=64,
+                                          attn_implementation="eager", **common)
         return transformers.LlamaForCausalLM, config, 2 * 7 + 2
     if name == "qwen2":  # q/k/v biases, 8 query heads, 4 key/value heads
         config = transformers.Qwen2Config(hidden_size=64, intermediate_size=64, num_attention_heads=8,
