@@ -1,0 +1,288 @@
+"""The trainer API at TP=2 x DP=2: config checks, training equal to the manual path, and tagged checkpoints.
+
+A model trained through `initialize_parallel_model` / `initialize_parallel_optimizer`
+must equal, step by step and bit for bit, the same model trained by hand (parallel
+layers, DP gradient all-reduce, TP-aware clipping, AdamW; or NeuronZero1Optimizer used
+directly). Checkpoints: `num_kept_ckpts` keeps the newest tags, an async save holds
+the state of the call, a save that fails on one rank leaves the previous tag the
+newest, a resumed run continues bit for bit, and a checkpoint of another model
+raises a typed error and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import MLP
+
+from neuronx_distributed import parallel_state
+from neuronx_distributed.errors import (
+    CheckpointArgumentError,
+    CheckpointNotFoundError,
+    CheckpointSaveError,
+    NeuronxDistributedError,
+    OptimizerConfigError,
+    TrainerConfigError,
+    UnsafeCheckpointError,
+    UnsupportedParallelismError,
+)
+from neuronx_distributed.optimizer import NeuronZero1Optimizer
+from neuronx_distributed.parallel_layers import all_reduce_gradients, checkpointing, clip_grad_norm
+from neuronx_distributed.trainer import (
+    NxDModel,
+    NxDOptimizer,
+    finalize_checkpoint,
+    has_checkpoint,
+    initialize_parallel_model,
+    initialize_parallel_optimizer,
+    load_checkpoint,
+    neuronx_distributed_config,
+    save_checkpoint,
+)
+
+HIDDEN, FFN, BATCH, SEED, LR, MAX_NORM = 8, 16, 4, 7, 1e-2, 0.05
+
+
+def _mlp(ffn: int = FFN, seed: int = SEED) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(HIDDEN, ffn, parallel=True)
+
+
+def _batch(step: int):
+    """This DP rank's rows of step `step`'s global batch."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    x, y = torch.randn(BATCH, HIDDEN, generator=generator), torch.randn(BATCH, HIDDEN, generator=generator)
+    dp_size, dp_rank = parallel_state.get_data_parallel_size(), parallel_state.get_data_parallel_rank()
+    return x.chunk(dp_size)[dp_rank], y.chunk(dp_size)[dp_rank]
+
+
+def _train(model, optimizer, scheduler, steps, manual: bool = False) -> list:
+    """Train `steps` steps; return each step's grad norm."""
+    norms = []
+    for step in steps:
+        x, y = _batch(step)
+        F.mse_loss(model(x), y).backward()
+        if manual:
+            all_reduce_gradients(model.parameters())
+            norms.append(clip_grad_norm(model.parameters(), MAX_NORM))
+        optimizer.step()
+        if not manual:
+            norms.append(optimizer.grad_norm)
+        optimizer.zero_grad()
+        scheduler.step()
+    return norms
+
+
+def _schedule(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+
+
+def _config(zero1: bool) -> dict:
+    return neuronx_distributed_config(
+        tensor_parallel_size=parallel_state.get_tensor_model_parallel_size(),
+        optimizer_config={"zero_one_enabled": zero1, "max_grad_norm": MAX_NORM},
+    )
+
+
+def _trainer_run(zero1: bool, seed: int = SEED, ffn: int = FFN):
+    config = _config(zero1)
+    model = initialize_parallel_model(config, _mlp, False, ffn, seed)
+    optimizer = initialize_parallel_optimizer(config, torch.optim.AdamW, model.parameters(), lr=LR)
+    return model, optimizer, _schedule(optimizer)
+
+
+def _params(model) -> dict:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_defaults_and_bad_keys():
+    config = neuronx_distributed_config(tensor_parallel_size=2, optimizer_config={"zero_one_enabled": True})
+    assert config["optimizer_config"] == {"zero_one_enabled": True, "grad_clipping": True, "max_grad_norm": 1.0}
+    assert config["mixed_precision_config"] == {
+        "use_master_weights": True, "use_fp32_grad_acc": True, "use_master_weights_in_ckpt": False,
+    }
+    assert config["model_init_config"] == {"sequential_move_factor": 11, "meta_device_init": False, "param_init_fn": None}
+    assert config["tensor_parallel_size"] == 2 and config["sequence_parallel"] is False
+    neuronx_distributed_config(lnc_size=2, sequential_move_factor=4, activation_checkpoint_config="full")
+    bad = [
+        (dict(tensor_parallel_degree=2), TrainerConfigError, "unknown argument"),
+        (dict(optimizer_config={"zero1": True}), TrainerConfigError, r"unknown key\(s\) \['zero1'\]"),
+        (dict(optimizer_config={"max_grad_norm": -1}), TrainerConfigError, "positive number"),
+        (dict(optimizer_config={"grad_clipping": "yes"}), TrainerConfigError, "True or False"),
+        (dict(tensor_parallel_size=0), TrainerConfigError, "positive int"),
+        (dict(pipeline_parallel_size=2), UnsupportedParallelismError, "pass 1"),
+        (dict(mixed_precision_config={"use_master_weights": True}), TrainerConfigError, "need ZeRO-1"),
+        (dict(mixed_precision_config={"fp8": True}), TrainerConfigError, "unknown key"),
+        (dict(model_init_config={"meta_device_init": True}), TrainerConfigError, "needs param_init_fn"),
+        (dict(activation_checkpoint_config=[int]), TrainerConfigError, "torch.nn.Module subclass"),
+        (dict(pad_model=True), TrainerConfigError, "pad_model"),
+        (dict(lora_config=object()), TrainerConfigError, "LoRA"),
+    ]
+    for kwargs, error, message in bad:
+        with pytest.raises(error, match=message):
+            neuronx_distributed_config(**kwargs)
+    with pytest.raises(TrainerConfigError, match="neuronx_distributed_config"):
+        initialize_parallel_optimizer({"tensor_parallel_size": 1}, torch.optim.SGD, [])
+    with pytest.raises(OptimizerConfigError, match="torch.optim.Optimizer subclass"):
+        initialize_parallel_optimizer(neuronx_distributed_config(), dict, [])
+
+
+# ---------------------------------------------------------------- training
+
+
+def _case_trainer_equals_manual(zero1: bool):
+    model, optimizer, scheduler = _trainer_run(zero1)
+    assert isinstance(model, NxDModel) and isinstance(optimizer, NxDOptimizer)
+    assert isinstance(optimizer.optimizer, NeuronZero1Optimizer) == zero1
+    manual = _mlp()
+    if zero1:
+        manual_optimizer = NeuronZero1Optimizer(manual.parameters(), torch.optim.AdamW, max_norm=MAX_NORM, lr=LR)
+    else:
+        manual_optimizer = torch.optim.AdamW(manual.parameters(), lr=LR)
+    manual_scheduler = _schedule(manual_optimizer)
+    assert _same(_params(model), _params(manual))
+    for step in range(3):
+        norm = _train(model, optimizer, scheduler, [step])[0]
+        if zero1:
+            manual_norm = _train(manual, manual_optimizer, manual_scheduler, [step])[0]
+        else:
+            manual_norm = _train(manual, manual_optimizer, manual_scheduler, [step], manual=True)[0]
+        assert torch.equal(norm, manual_norm)
+        assert norm > MAX_NORM  # clipping took part
+        assert _same(_params(model), _params(manual)), step
+    assert optimizer.param_groups[0]["lr"] == manual_optimizer.param_groups[0]["lr"] == LR / 4
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+@pytest.mark.parametrize("zero1", [False, True], ids=["plain", "zero1"])
+def test_trainer_training_equals_manual_path(pools, zero1):
+    assert pools.run(4, 2, _case_trainer_equals_manual, zero1) == [0, 1, 0, 1]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _case_keep_resume_async(folder: str, zero1: bool):
+    model, optimizer, scheduler = _trainer_run(zero1)
+    assert not has_checkpoint(folder)
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint record"):
+        load_checkpoint(folder, model=model)
+    for step in range(3):
+        _train(model, optimizer, scheduler, [step])
+        save_checkpoint(folder, f"step_{step}", model=model, optimizer=optimizer, scheduler=scheduler,
+                        user_content={"step": step, "pair": (1, 2.5)}, num_kept_ckpts=2)
+    assert sorted(n for n in os.listdir(folder)) == ["newest", "step_1", "step_2"]
+    with open(os.path.join(folder, "newest")) as file:
+        assert json.load(file)["tags"] == ["step_1", "step_2"]
+    assert has_checkpoint(folder)
+    with pytest.raises(CheckpointArgumentError, match="already exists"):
+        save_checkpoint(folder, "step_2", model=model)
+    expected_lr = optimizer.param_groups[0]["lr"]
+    _train(model, optimizer, scheduler, [3, 4])
+    expected = _params(model)
+
+    # Resume from the newest tag into a model built from another seed: the same steps give the same parameters.
+    resumed, resumed_optimizer, resumed_scheduler = _trainer_run(zero1, seed=SEED + 5)
+    content = load_checkpoint(folder, model=resumed, optimizer=resumed_optimizer, scheduler=resumed_scheduler)
+    assert content == {"step": 2, "pair": (1, 2.5)}
+    assert resumed_optimizer.param_groups[0]["lr"] == expected_lr
+    _train(resumed, resumed_optimizer, resumed_scheduler, [3, 4])
+    assert _same(_params(resumed), expected)
+
+    # Async: the save holds the state of the call, whatever training does before finalize.
+    at_save = _params(resumed)
+    save_checkpoint(folder, "async", model=resumed, optimizer=resumed_optimizer, async_save=True)
+    _train(resumed, resumed_optimizer, resumed_scheduler, [5])
+    assert not _same(_params(resumed), at_save)
+    finalize_checkpoint()
+    fresh = _trainer_run(zero1, seed=SEED + 6)[0]
+    assert load_checkpoint(folder, model=fresh) is None
+    assert _same(_params(fresh), at_save)
+    with open(os.path.join(folder, "newest")) as file:
+        assert json.load(file)["newest"] == "async"
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+@pytest.mark.parametrize("zero1", [False, True], ids=["plain", "zero1"])
+def test_checkpoints_keep_newest_resume_exactly_and_save_async(pools, tmp_path, zero1):
+    assert pools.run(4, 2, _case_keep_resume_async, str(tmp_path / "ckpt"), zero1) == [0, 1, 0, 1]
+
+
+def _failing_write_on_rank_1(monkeypatch):
+    real = checkpointing._write_rank_shard
+
+    def write(*args, **kwargs):
+        if torch.distributed.get_rank() == 1:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "_write_rank_shard", write)
+
+
+def _case_failed_saves_keep_previous(folder: str):
+    model, optimizer, scheduler = _trainer_run(False)
+    save_checkpoint(folder, "good", model=model, optimizer=optimizer, scheduler=scheduler)
+    saved = _params(model)
+    _train(model, optimizer, scheduler, [0])
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _failing_write_on_rank_1(monkeypatch)
+        with pytest.raises(CheckpointSaveError, match="No space left|rank 1"):
+            save_checkpoint(folder, "bad", model=model, optimizer=optimizer)
+        save_checkpoint(folder, "bad_async", model=model, optimizer=optimizer, async_save=True)
+        with pytest.raises(CheckpointSaveError, match="No space left|rank 1"):
+            finalize_checkpoint()
+    assert sorted(os.listdir(folder)) == ["good", "newest"]
+    # A killed save leaves its staging folder; nothing reads it, and the next save removes it.
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(os.path.join(folder, ".saving-killed-0123", "model"))
+    torch.distributed.barrier()
+    assert has_checkpoint(folder)
+    fresh = _trainer_run(False, seed=SEED + 1)[0]
+    load_checkpoint(folder, model=fresh)
+    assert _same(_params(fresh), saved)
+    with pytest.raises(UnsafeCheckpointError, match="holds tensors"):
+        save_checkpoint(folder, "tensor_content", model=model, user_content={"w": torch.ones(2)})
+    save_checkpoint(folder, "next", model=model)
+    assert sorted(os.listdir(folder)) == ["good", "newest", "next"]
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def test_failed_or_killed_saves_leave_the_previous_tag_newest(pools, tmp_path):
+    assert pools.run(4, 2, _case_failed_saves_keep_previous, str(tmp_path / "ckpt")) == [0, 1, 0, 1]
+
+
+def _case_other_model_changes_nothing(folder: str):
+    model, optimizer, scheduler = _trainer_run(False)
+    _train(model, optimizer, scheduler, [0])
+    save_checkpoint(folder, "t", model=model, optimizer=optimizer, scheduler=scheduler)
+    other, other_optimizer, other_scheduler = _trainer_run(False, ffn=2 * FFN)
+    _train(other, other_optimizer, other_scheduler, [0])
+    before = (_params(other), other_optimizer.state_dict()["state"][0]["exp_avg"].clone(), other_scheduler.state_dict())
+    for kwargs in (dict(model=other, optimizer=other_optimizer, scheduler=other_scheduler), dict(model=other)):
+        with pytest.raises(NeuronxDistributedError, match="does not fit|shape"):
+            load_checkpoint(folder, **kwargs)
+        assert _same(_params(other), before[0])
+        assert torch.equal(other_optimizer.state_dict()["state"][0]["exp_avg"], before[1])
+        assert other_scheduler.state_dict() == before[2]
+    zero1_model, zero1_optimizer, _ = _trainer_run(True)
+    with pytest.raises(CheckpointArgumentError, match="plain optimizer state"):
+        load_checkpoint(folder, model=zero1_model, optimizer=zero1_optimizer)
+    with pytest.raises(CheckpointArgumentError, match="cannot name"):
+        save_checkpoint(folder, "../escape", model=model)
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def test_loading_another_models_checkpoint_raises_and_changes_nothing(pools, tmp_path):
+    assert pools.run(4, 2, _case_other_model_changes_nothing, str(tmp_path / "ckpt")) == [0, 1, 0, 1]
