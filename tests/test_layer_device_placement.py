@@ -46,7 +46,7 @@ class _OpRecorder(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.host_reads, self.devices = [], set()
+        self.host_reads, self.devices, self.largest = [], set(), 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -56,7 +56,9 @@ class _OpRecorder(TorchDispatchMode):
         if name in _HOST_READS or bool_index:
             self.host_reads.append(str(func))
         out = func(*args, **(kwargs or {}))
-        self.devices |= {t.device.type for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
+        tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.devices |= {t.device.type for t in tensors}
+        self.largest = max([self.largest, *(t.numel() for t in tensors)])
         return out
 
 
@@ -121,9 +123,10 @@ def _case_shard_init_on_device(device):
         row = RowParallelLinear(4 * size, HIDDEN, device=device, exact_slice_init=False)
         embedding = ParallelEmbedding(4 * size, HIDDEN, padding_idx=0, device=device, exact_slice_init=False)
     assert recorder.devices == {device}
-    # No full master: the largest tensor made is the shard.
+    # No full master: the largest tensor made is a shard (the full weights have 2 or more times as many entries).
     per_rank = 4 + 1  # 4 * size + 1 padded to 4 * size + size
     assert tuple(column.weight.shape) == (per_rank, HIDDEN) and column.weight.device.type == device
+    assert recorder.largest == column.weight.numel()
     # The default initializations draw from torch.nn.Linear's range for the full layer's fan-in.
     bound = HIDDEN ** -0.5
     assert column.weight.abs().max() <= bound and row.weight.abs().max() <= (4 * size) ** -0.5
