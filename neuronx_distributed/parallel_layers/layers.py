@@ -325,8 +325,8 @@ class ColumnParallelLinear(BaseParallelLinear):
         usual all-reduce of the input gradient. Needs `gather_output=False`. The gathered
         input is kept for the weight gradient (no second all-gather in backward).
       - `skip_bias_add`: return `(output, bias)` without adding the bias (to fuse it later).
-      - `keep_master_weight`: keep the full initial weight as `self.master_weight` (a plain
-        tensor, not a parameter; None otherwise).
+      - `keep_master_weight`: keep the full initial (unpadded) weight as `self.master_weight`
+        (a plain tensor, not a parameter; None otherwise). Needs exact slice initialization.
       - `reduce_dtype`: dtype of the input-gradient all-reduce (or reduce-scatter); the
         gradient comes back in its own dtype. A no-op for float32 layers.
       - `pad`: when the TP size does not divide `output_size`, append zero output features
@@ -626,7 +626,8 @@ class ParallelEmbedding(_TensorParallelModule):
     - `pad`: when the TP size does not divide the sharded size (`num_embeddings`, or
       `embedding_dim` with `shard_across_embedding=True`), append zero rows (columns) up to
       the next multiple of it; that attribute is then the padded size (as upstream). Ids
-      stay checked against the real vocabulary, and gathered columns drop the padding again.
+      stay checked against the real vocabulary (`vocab_size`), and gathered columns drop
+      the padding again.
     - `device`, `exact_slice_init`: as ColumnParallelLinear.
 
     Ids are checked against the vocabulary on the device, without reading anything back
