@@ -55,9 +55,11 @@ def _ensure_default_process_group() -> None:
     """Initialize torch.distributed from torchrun's environment, or as a world of one."""
     if dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # With CUDA: NCCL for device tensors, gloo for the host tensors that checkpoint agreement and
+    # CPU-side collectives exchange (a plain "nccl" world has no backend for those).
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if backend == "nccl":
+        if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     else:
