@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from neuronx_distributed import parallel_state
-from neuronx_distributed.errors import LayerConfigError, ReshardError
+from neuronx_distributed.errors import CheckpointCorruptError, LayerConfigError, ReshardError
 from neuronx_distributed.parallel_layers import checkpoint_tools, clip_grad_norm, load, save
 from neuronx_distributed.modules.qkv_linear import GQAQKVColumnParallelLinear, ReplicatedKVColumnParallelLinear
 
@@ -120,6 +120,12 @@ def kv_projection_from_linear(num_heads: int, head_dim: int, multiplier: int):
 def kv_projection_refused(num_heads: int, multiplier: int) -> str:
     with pytest.raises(LayerConfigError) as refused:
         ReplicatedKVColumnParallelLinear(HIDDEN, num_heads, 4, kv_size_multiplier=multiplier)
+    return str(refused.value)
+
+
+def gqa_refused(output_sizes, **kwargs) -> str:
+    with pytest.raises(LayerConfigError) as refused:
+        GQAQKVColumnParallelLinear(HIDDEN, output_sizes, **kwargs)
     return str(refused.value)
 
 
@@ -379,3 +385,34 @@ def test_full_checkpoint_with_separate_qkv_loads_into_replicated_layers(pools, t
     pools.run(1, 1, save_full_reference, path, 13)
     pools.run(4, 4, load_full, path, 13, 2)
     pools.run(2, 2, load_full, path, 13, 1)
+
+
+@pytest.mark.parametrize("output_sizes, kwargs, says", [
+    ([16, 4], dict(num_key_value_heads=2), "kv_size_multiplier=2"),  # 2 KV heads at TP=4
+    ([16, 4], dict(num_key_value_heads=2, kv_size_multiplier=3), "kv_size_multiplier=2"),
+    ([16, 6], dict(), "kv_size_multiplier=2"),  # upstream's layout: 6 rows at TP=4
+    ([6, 4], dict(kv_size_multiplier=2), "Q size 6"),
+    ([16, 4], dict(num_key_value_heads=3), "num_key_value_heads=3"),
+    ([16], dict(), "[q_size, kv_size]"),
+    ([16, 4], dict(kv_size_multiplier=0), "kv_size_multiplier must be a positive integer"),
+    ([16, 4], dict(kv_size_multiplier=2, sequence_parallel_enabled=True), "gather_output=False"),
+])
+def test_gqa_bad_sizes_refused_on_every_rank(pools, output_sizes, kwargs, says):
+    messages = pools.run(4, 4, gqa_refused, output_sizes, **kwargs)
+    assert all(says in message for message in messages), messages
+
+
+def test_manifest_parts_are_checked(replicated_checkpoint, tmp_path):
+    """A damaged `parts` entry fails the manifest check, naming the field, before any shard is read."""
+    import json
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(replicated_checkpoint, damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    entry = manifest["tensors"]["model/kv.weight"]
+    assert entry["parts"] == [{"size": KV_HEADS * HEAD_DIM * SAVED_MULTIPLIER, "replication": 2, "block": HEAD_DIM}]
+    entry["parts"][0]["replication"] = 3
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointCorruptError, match=r"tensors\['model/kv.weight'\].parts\[0\] has 8 rows"):
+        checkpoint_tools.verify(str(damaged))

@@ -353,46 +353,42 @@ class GQAQKVColumnParallelLinear(BaseParallelLinear):
         self.use_bias, self.keep_master_weight = bias, keep_master_weight
         self.q_output_size_per_partition = q_size // world
         self.kv_output_size_per_partition = kv_size * kv_size_multiplier // world
-        q_part = Part(q_size)
         self._kv_part = Part(kv_size * kv_size_multiplier, kv_size_multiplier, block)
-        parts = {"q": q_part, "k": self._kv_part, "v": self._kv_part}
+        parts = {"q": Part(q_size), "k": self._kv_part, "v": self._kv_part}
+        sizes = {"q": q_size, "k": kv_size, "v": kv_size}
+        # Parameter suffix -> the projections it holds, concatenated.
+        self._members = {"qkv": ("q", "k", "v")} if fuse_qkv else {key: (key,) for key in ("q", "k", "v")}
+        self._ties: dict[str, _CopyTie] = {}
 
         init = init_method or linear_weight_init
-        masters = {key: initialized_master((size, input_size), init, dtype, device)
-                   for key, size in (("q", q_size), ("k", kv_size), ("v", kv_size))}
-        biases = {}
+        masters = {key: initialized_master((size, input_size), init, dtype, device) for key, size in sizes.items()}
+        self._add_parameters("weight", masters, parts, True, rank, world)
         if bias:
             bias_init = partial(linear_bias_init, fan_in=input_size)
-            biases = {key: initialized_master((size,), bias_init, dtype, device)
-                      for key, size in (("q", q_size), ("k", kv_size), ("v", kv_size))}
-
-        def build(name_, tensors: dict, sharded: bool):
-            keys = list(tensors) if not fuse_qkv else ["qkv"]
-            for key in keys:
-                members = list(tensors) if key == "qkv" else [key]
-                if sharded:
-                    member_parts = tuple(parts[member] for member in members)
-                    param = _sharded_parameter([tensors[m] for m in members], member_parts, rank, world)
-                    self._ties[f"{name_}_{key}"] = _CopyTie(member_parts, rank, world, self.tensor_parallel_group)
-                else:
-                    param = _replicated_parameter(torch.cat([tensors[m] for m in members]), world)
-                if key == "qkv":  # checkpoints (ours unfused, Hugging Face's) often store it as q, k, v
-                    set_checkpoint_parts(param, [f"{name_}_{member}" for member in members])
-                setattr(self, f"{name_}_{key}", param)
-
-        self._ties: dict[str, _CopyTie] = {}
-        build("weight", masters, True)
-        if bias:
-            build("bias", biases, not gather_output)
-        for key in ("qkv",) if fuse_qkv else ("q", "k", "v"):
-            if not bias:
+            full_biases = {key: initialized_master((size,), bias_init, dtype, device) for key, size in sizes.items()}
+            self._add_parameters("bias", full_biases, parts, not gather_output, rank, world)
+        else:
+            for key in self._members:
                 self.register_parameter(f"bias_{key}", None)
         for key in ("q", "k", "v", "qkv"):
-            kept = None
-            if keep_master_weight and (key == "qkv") == fuse_qkv:
-                kept = torch.cat(list(masters.values())) if key == "qkv" else masters[key]
+            members = self._members.get(key)
+            kept = torch.cat([masters[member] for member in members]) if keep_master_weight and members else None
             setattr(self, f"master_weight_{key}", kept)
         self._gathered_kv = first_copies((self._kv_part,))
+
+    def _add_parameters(self, kind: str, full: dict, parts: dict, sharded: bool, rank: int, world: int) -> None:
+        """`kind`_q/k/v (or `kind`_qkv when fused) from the full tensors `full`: this rank's rows when `sharded`, else whole."""
+        for key, members in self._members.items():
+            tensors = [full[member] for member in members]
+            if sharded:
+                member_parts = tuple(parts[member] for member in members)
+                param = _sharded_parameter(tensors, member_parts, rank, world)
+                self._ties[f"{kind}_{key}"] = _CopyTie(member_parts, rank, world, self.tensor_parallel_group)
+            else:
+                param = _replicated_parameter(torch.cat(tensors), world)
+            if len(members) > 1:  # checkpoints (ours unfused, Hugging Face style) often hold it as q, k, v
+                set_checkpoint_parts(param, [f"{kind}_{member}" for member in members])
+            setattr(self, f"{kind}_{key}", param)
 
     def _param(self, name: str):
         param = getattr(self, name)
