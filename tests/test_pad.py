@@ -4,11 +4,12 @@ Sizes the TP degree does not divide (7 MLP features, 7 or 14 attention heads, a 
 of 13) are padded with zeros; forward outputs, input gradients, the real part of every
 gradient and the parameters after AdamW steps (with weight decay) must equal the unpadded
 torch.nn model's, and the padding must stay exactly zero. Unsharded checkpoints load into
-padded layers; bad arguments raise typed errors on every rank.
+padded layers and sharded saves keep the padded shards; bad arguments raise typed errors on every rank.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -25,7 +26,7 @@ from neuronx_distributed.errors import (
     LayerConfigError,
     LayerFeatureNotSupportedError,
 )
-from neuronx_distributed.parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, load
+from neuronx_distributed.parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, load, save
 from neuronx_distributed.parallel_layers.pad import generate_padding_mask, get_number_of_extra_heads, pad_model
 
 HIDDEN, ODD_FFN, ODD_VOCAB, BATCH, SEQ = 8, 7, 13, 2, 3
@@ -177,7 +178,7 @@ def _case_padded_attention(heads, head_dim):
     return True
 
 
-def _case_unsharded_load_into_padded_layers(folder):
+def _case_checkpoints_of_padded_layers(folder):
     rank, size = _tp()
     torch.manual_seed(7)
     reference = MLP(HIDDEN, ODD_FFN, parallel=False)
@@ -189,6 +190,18 @@ def _case_unsharded_load_into_padded_layers(folder):
     model = MLP(HIDDEN, ODD_FFN, parallel=True, pad=True)
     load(unpadded, model, sharded=False)
     _assert_matches(reference, model, "loaded", grads=False)
+
+    # A sharded save holds the padded shards: the manifest's global shapes are padded, and it loads back.
+    sharded = os.path.join(folder, "sharded")
+    save(model.state_dict(), sharded, model_key=None)
+    with open(os.path.join(sharded, "manifest.json")) as file:
+        shapes = {name: entry["shape"] for name, entry in json.load(file)["tensors"].items()}
+    padded = ODD_FFN + get_number_of_extra_heads(ODD_FFN, size)
+    assert shapes["fc1.weight"] == [padded, HIDDEN] and shapes["fc2.weight"] == [HIDDEN, padded], shapes
+    torch.manual_seed(10)
+    restored = MLP(HIDDEN, ODD_FFN, parallel=True, pad=True)
+    load(sharded, restored, model_key=None)
+    _assert_matches(reference, restored, "loaded sharded", grads=False)
 
     # Any other full shape is refused with a typed error on every rank, the padded one included
     # (7 features padded to 8 at TP=2 and TP=4): a real 8th feature would be dropped silently.
@@ -239,8 +252,8 @@ def test_pad_model_attention_equals_unpadded(pools, size, heads, head_dim):
 
 
 @pytest.mark.parametrize("size", [2, 4])
-def test_unsharded_checkpoint_loads_into_padded_layers(pools, size, tmp_path):
-    assert pools.run(size, size, _case_unsharded_load_into_padded_layers, str(tmp_path)) == [True] * size
+def test_padded_layers_load_unsharded_checkpoints_and_save_padded_shards(pools, size, tmp_path):
+    assert pools.run(size, size, _case_checkpoints_of_padded_layers, str(tmp_path)) == [True] * size
 
 
 def test_bad_arguments_raise_typed_errors_on_every_rank(pools):
