@@ -5,7 +5,8 @@ in a row and splits those replicated heads contiguously across the TP group, so 
 every rank holds the KV heads its (contiguous) query heads use. Each copy is a
 parameter of its own: the backward pass gives every copy the sum of the gradients of
 all copies of its head (over the TP group), so the copies stay equal under any
-optimizer and training equals the unreplicated model. Input gradients need no
+optimizer and training equals the unreplicated model (one all-reduce over the TP
+group per backward, of each replicated head's rows once). Input gradients need no
 correction: each copy feeds other query heads, so each rank's contribution is genuine.
 
 Each parameter declares its layout (`resharding.Part`, attribute `partition_parts`)
@@ -49,7 +50,6 @@ from ..parallel_layers.resharding import (
     first_copies,
     local_logical_rows,
     local_rows,
-    logical_size,
     parts_weight_loader,
     set_partition_parts,
 )
@@ -104,9 +104,10 @@ class _CopyTie:
             torch.full((part.size,), part.replication > 1, dtype=torch.bool) for part in parts
         ])[stored]
         self._local = torch.nonzero(replicated_rows).flatten()
-        logical = local_logical_rows(parts, rank, world)[self._local]
-        self._size = logical_size(parts)
-        self._logical = logical
+        # The summing buffer holds the logical rows of the replicated parts only, numbered alike on every rank.
+        in_buffer = torch.cat([torch.full((part.logical_size,), part.replication > 1) for part in parts])
+        self._logical = (torch.cumsum(in_buffer, 0) - 1)[local_logical_rows(parts, rank, world)[self._local]]
+        self._size = int(in_buffer.sum())
         self._group = group
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
