@@ -41,6 +41,11 @@ class CollectiveError(NeuronxDistributedError, RuntimeError):
     """A collective that cannot run as asked (unsupported dtype, dead peer, timeout)."""
 
 
+class CommBackendError(CollectiveError, ValueError):
+    """A comm engine setting that cannot work: NXD_COMM_BACKEND/NXD_COMM_TIMEOUT or `comm.set_backend` out of range,
+    ranks of one group set up with different engines, or `shm` where the shared-memory engine cannot serve the group."""
+
+
 class OptimizerConfigError(NeuronxDistributedError, ValueError):
     """Optimizer arguments that cannot work (not an optimizer class, a bad max_norm, sharding groups that are not the DP groups)."""
 
