@@ -11,9 +11,11 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 
 #include "errors.hpp"
+#include "file_descriptor.hpp"
 
 namespace nxd {
 namespace {
@@ -31,20 +33,8 @@ std::string name_stem() {
   return std::string(kSegmentPrefix) + std::to_string(::getuid()) + "-" + std::to_string(pid_namespace_id()) + "-";
 }
 
-class FileDescriptor {
- public:
-  explicit FileDescriptor(int fd) : fd_(fd) {}
-  ~FileDescriptor() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
-
-void* map_shared(int fd, size_t bytes, const std::string& name) {
-  void* data = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+void* map_shared(const FileDescriptor& fd, size_t bytes, const std::string& name) {
+  void* data = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
   if (data == MAP_FAILED) throw SegmentError(system_error("cannot map shared-memory segment " + name, errno));
   return data;
 }
@@ -61,24 +51,24 @@ std::string segment_name(const std::string& token) {
 }
 
 int remove_orphaned_segments() {
-  DIR* dir = ::opendir("/dev/shm");
+  const std::unique_ptr<DIR, int (*)(DIR*)> dir(::opendir("/dev/shm"), &::closedir);
   if (dir == nullptr) return 0;
   const std::string stem = name_stem();
   int removed = 0;
-  while (const dirent* entry = ::readdir(dir)) {
+  while (const dirent* entry = ::readdir(dir.get())) {
     const std::string file = entry->d_name;
     if (file.compare(0, stem.size(), stem) != 0) continue;
     const pid_t creator = static_cast<pid_t>(std::strtol(file.c_str() + stem.size(), nullptr, 10));
+    // Only ESRCH proves the creator gone; EPERM (alive, another user's) keeps the segment.
     if (creator <= 0 || ::kill(creator, 0) == 0 || errno != ESRCH) continue;
     if (::shm_unlink(("/" + file).c_str()) == 0) ++removed;
   }
-  ::closedir(dir);
   return removed;
 }
 
 SharedSegment SharedSegment::create(const std::string& name, size_t bytes) {
   FileDescriptor fd(::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, S_IRUSR | S_IWUSR));
-  if (fd.get() < 0) throw SegmentError(system_error("cannot create shared-memory segment " + name, errno));
+  if (!fd) throw SegmentError(system_error("cannot create shared-memory segment " + name, errno));
   // Creation mode is filtered by the umask; make sure nobody else can read the segment.
   if (::fchmod(fd.get(), S_IRUSR | S_IWUSR) != 0 || ::ftruncate(fd.get(), static_cast<off_t>(bytes)) != 0) {
     const int err = errno;
@@ -93,7 +83,7 @@ SharedSegment SharedSegment::create(const std::string& name, size_t bytes) {
                                     err));
   }
   try {
-    return SharedSegment(map_shared(fd.get(), bytes, name), bytes);
+    return SharedSegment(map_shared(fd, bytes, name), bytes);
   } catch (...) {
     ::shm_unlink(name.c_str());
     throw;
@@ -102,11 +92,11 @@ SharedSegment SharedSegment::create(const std::string& name, size_t bytes) {
 
 SharedSegment SharedSegment::open(const std::string& name) {
   FileDescriptor fd(::shm_open(name.c_str(), O_RDWR, 0));
-  if (fd.get() < 0) throw SegmentError(system_error("cannot open shared-memory segment " + name, errno));
+  if (!fd) throw SegmentError(system_error("cannot open shared-memory segment " + name, errno));
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) throw SegmentError(system_error("cannot stat shared-memory segment " + name, errno));
   const auto bytes = static_cast<size_t>(st.st_size);
-  return SharedSegment(map_shared(fd.get(), bytes, name), bytes);
+  return SharedSegment(map_shared(fd, bytes, name), bytes);
 }
 
 void SharedSegment::unlink(const std::string& name) {
