@@ -340,7 +340,9 @@ void ShmGroup::wake_sleepers() {
 
 void ShmGroup::check_peers_alive(uint64_t step, const Call& call) {
   for (int r = 0; r < size_; ++r) {
-    if (line(r).step.load(std::memory_order_acquire) < step && !process_alive(line(r).process)) {
+    // Only a proven exit fails the group: a peer whose liveness /proc cannot tell (Unknown)
+    // is waited for like a live one, and the timeout ends the wait if it never arrives.
+    if (line(r).step.load(std::memory_order_acquire) < step && process_liveness(line(r).process) == Liveness::Dead) {
       fail(describe_rank(r) + " of " + label() + " exited before " + call.describe() + " completed (rank " +
            std::to_string(rank_) + " waited for it); the group cannot continue: restart the job");
     }
