@@ -20,6 +20,8 @@ from models import expected_shard
 from torch import nn
 
 from neuronx_distributed import cli, parallel_state
+from neuronx_distributed.parallel_layers.loss_functions import parallel_cross_entropy
+from neuronx_distributed.parallel_layers.mappings import gather_from_tensor_model_parallel_region
 from neuronx_distributed.errors import ParallelizePlanError
 from neuronx_distributed.parallel_layers import ParallelEmbedding, load, save
 from neuronx_distributed.parallel_layers.layers import BaseParallelLinear
@@ -134,6 +136,54 @@ def test_parallelize_family(pools, tmp_path, family, tp):
         torch.testing.assert_close(reloaded[name], tensor, **TOL, msg=lambda m: f"{name}: {m}")
 
 
+class PackedMLP(nn.Module):
+    """A model of our own with a fused [gate; up] projection, for a plan given by the user."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up = nn.Linear(8, 2 * 16)
+        self.down = nn.Linear(16, 8)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(torch.nn.functional.silu(gate) * up)
+
+
+def _other_styles():
+    """Worker: packed_colwise, embedding_colwise, rowwise_split_input and vocabulary-sharded logits vs the originals."""
+    torch.manual_seed(0)
+    reference = PackedMLP()
+    model = parallelize(copy.deepcopy(reference), {"gate_up": "packed_colwise", "down": "rowwise"})
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), reference(x), **TOL)
+    _check_against(model, reference, "value")
+
+    model_class, config, _ = _family("llama")
+    torch.manual_seed(0)
+    reference = model_class(config)
+    plan = {**reference.tp_plan, "model.embed_tokens": "embedding_colwise", "lm_head": "colwise",
+            "model.layers.*.mlp.gate_proj": "colwise_gather_output", "model.layers.*.mlp.up_proj": "colwise_gather_output",
+            "model.layers.*.mlp.down_proj": "rowwise_split_input"}
+    model = parallelize(copy.deepcopy(reference), plan)
+    assert model.model.embed_tokens.weight.shape == (VOCAB, 32 // parallel_state.get_tensor_model_parallel_size())
+    ids, labels = _batch()
+    expected = reference(input_ids=ids)
+    logits = model(input_ids=ids).logits  # this rank's [..., VOCAB / tp] shard
+    assert logits.shape[-1] == VOCAB // parallel_state.get_tensor_model_parallel_size()
+    torch.testing.assert_close(gather_from_tensor_model_parallel_region(logits), expected.logits, **TOL)
+    targets = labels[:, 1:]
+    loss = parallel_cross_entropy(logits[:, :-1], targets).sum() / (targets != -100).sum()
+    expected_loss = torch.nn.functional.cross_entropy(expected.logits[:, :-1].flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(loss, expected_loss, **TOL)
+    loss.backward()
+    expected_loss.backward()
+    _check_against(model, reference, "grad")
+
+
+def test_other_styles_and_sharded_logits(pools):
+    pools.run(2, 2, _other_styles)
+
+
 def _bad_plans():
     """Worker: each bad plan raises ParallelizePlanError and leaves the model as it was; return the messages."""
     model_class, config, _ = _family("llama")
@@ -147,6 +197,7 @@ def _bad_plans():
         "module the style cannot shard": {**model.tp_plan, "model.norm": "colwise"},
         "entry naming nothing": {**model.tp_plan, "model.decoder.*.fc1": "colwise"},
         "tie sharded one way only": {**model.tp_plan, "lm_head": "replicate"},
+        "entry naming a parameter": {**model.tp_plan, "model.layers.*.mlp.up_proj.weight": "colwise"},
     }
     messages = {}
     for case, plan in plans.items():
@@ -168,3 +219,4 @@ def test_bad_plans_raise_on_every_rank_and_change_nothing(pools):
     assert "'model.norm'" in messages[0]["module the style cannot shard"]
     assert "model.decoder.*.fc1" in messages[0]["entry naming nothing"]
     assert "lm_head.weight" in messages[0]["tie sharded one way only"]
+    assert "'model.layers.0.mlp.up_proj.weight'" in messages[0]["entry naming a parameter"]
