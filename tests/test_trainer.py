@@ -286,3 +286,39 @@ def _case_other_model_changes_nothing(folder: str):
 
 def test_loading_another_models_checkpoint_raises_and_changes_nothing(pools, tmp_path):
     assert pools.run(4, 2, _case_other_model_changes_nothing, str(tmp_path / "ckpt")) == [0, 1, 0, 1]
+
+
+def _two_mlps() -> torch.nn.Module:
+    return torch.nn.Sequential(_mlp(), MLP(HIDDEN, FFN, parallel=True))
+
+
+def _fill(module: torch.nn.Module) -> None:
+    for param in module.parameters(recurse=False):
+        param.data.fill_(0.5 if param.dim() == 1 else 0.01)
+
+
+def _case_model_init_options():
+    from neuronx_distributed.utils.activation_checkpoint import CheckpointWrapper
+
+    config = neuronx_distributed_config(tensor_parallel_size=2, activation_checkpoint_config=MLP)
+    checkpointed = initialize_parallel_model(config, _two_mlps)
+    plain = initialize_parallel_model(neuronx_distributed_config(tensor_parallel_size=2), _two_mlps)
+    assert [type(m) for m in checkpointed.module] == [CheckpointWrapper] * 2
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())
+    for model in (checkpointed, plain):
+        x, y = _batch(0)
+        F.mse_loss(model(x), y).backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(checkpointed.parameters(), plain.parameters()))
+
+    meta = neuronx_distributed_config(
+        tensor_parallel_size=2, model_init_config={"meta_device_init": True, "param_init_fn": _fill}
+    )
+    model = initialize_parallel_model(meta, _mlp)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert model.module.fc1.weight.tensor_model_parallel and model.module.fc1.weight.partition_dim == 0
+    assert torch.equal(model.module.fc2.bias, torch.full((HIDDEN,), 0.5))
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def test_initialize_parallel_model_checkpointing_and_meta_init(pools):
+    assert pools.run(2, 2, _case_model_init_options) == [0, 1]
