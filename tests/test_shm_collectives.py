@@ -13,8 +13,7 @@ import torch
 import torch.distributed as dist
 
 from neuronx_distributed import comm, parallel_state
-from neuronx_distributed.comm import shm_ops
-from neuronx_distributed.errors import CollectiveError
+from neuronx_distributed.errors import CollectiveError, CommBackendError
 
 WORLD = 4
 # Elements per case: empty, odd, below and above the one-step reduction limit, and several
@@ -24,7 +23,7 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 def _set_backend(name: str) -> None:
-    os.environ[comm.BACKEND_ENV] = name
+    comm.set_backend(name)
 
 
 def _groups() -> dict[str, dist.ProcessGroup]:
@@ -239,15 +238,14 @@ def test_collectives_are_opaque_ops_under_compile_and_export(pools):
 
 def run_timeout_settings() -> None:
     group = parallel_state.get_tensor_model_parallel_group()
-    _set_backend("shm")
-    comm.barrier(group=group)  # sets the group up
-    _set_backend("auto")
-    comm.ShmEngine.set_timeout(123.0)
-    if shm_ops.groups.handle(group).timeout != 123.0:
-        raise AssertionError("set_timeout did not reach the group")
-    with pytest.raises(CollectiveError, match="positive"):
-        comm.ShmEngine.set_timeout(0)
-    comm.ShmEngine.set_timeout(shm_ops.default_timeout_s())
+    comm.set_backend("shm", timeout_s=123.0)
+    try:
+        if comm.set_up(group).shm.handle.timeout != 123.0:
+            raise AssertionError("set_backend's timeout did not reach the group")
+        with pytest.raises(CommBackendError, match="positive"):
+            comm.set_backend("shm", timeout_s=0)
+    finally:
+        comm.set_backend("auto")
 
 
 def test_timeout_is_configurable(pools):

@@ -39,7 +39,7 @@ def _rank_main(rank: int, world: int, store: str, scenario, results) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
-    os.environ[comm.BACKEND_ENV] = "shm"
+    comm.set_backend("shm")
     try:
         outcome = f"returned {scenario(rank)!r}"
     except Exception as error:  # noqa: BLE001 - the outcome is what the test checks
@@ -118,7 +118,7 @@ def stall_last_rank(rank: int):
 
     from neuronx_distributed import comm
 
-    comm.ShmEngine.set_timeout(0.5)
+    comm.set_backend("shm", timeout_s=0.5)
     data = torch.ones(10)
     comm.all_reduce(data, group=dist.group.WORLD)
     if rank == dist.get_world_size() - 1:
@@ -168,12 +168,12 @@ def test_segment_of_a_job_killed_during_setup_is_removed_by_the_next_run():
 
 @pytest.mark.parametrize("value", ["0", "-3", "soon"])
 def test_bad_timeout_setting_is_rejected(monkeypatch, value):
-    from neuronx_distributed.comm import shm_ops
-    from neuronx_distributed.errors import CollectiveError
+    from neuronx_distributed.comm import settings
+    from neuronx_distributed.errors import CommBackendError
 
-    monkeypatch.setenv(shm_ops.TIMEOUT_ENV, value)
-    with pytest.raises(CollectiveError, match="NXD_COMM_TIMEOUT"):
-        shm_ops.default_timeout_s()
+    monkeypatch.setenv(settings.TIMEOUT_ENV, value)
+    with pytest.raises(CommBackendError, match="NXD_COMM_TIMEOUT"):
+        settings.current()
 
 
 INTERRUPT_ANSWER_S = 10  # generous: the engine looks for pending signals every 50 ms while it waits
@@ -190,8 +190,7 @@ def _interrupted_rank_main(rank: int, store: str, release, results) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
     )
-    os.environ[comm.BACKEND_ENV] = "shm"
-    comm.ShmEngine.set_timeout(600)  # far beyond the test: only the interruption can end rank 0's wait
+    comm.set_backend("shm", timeout_s=600)  # far beyond the test: only the interruption can end rank 0's wait
     data = torch.ones(1000)
     comm.all_reduce(data, group=dist.group.WORLD)  # sets the group up
     if rank == 1:

@@ -1,42 +1,52 @@
-"""Collectives over torch process groups, each run by the fastest engine that can.
+"""Collectives over torch process groups, each run by the engine its group chose.
 
-The C++ shared-memory engine runs when every rank of the group is on this host and
-the tensor is on CPU; torch.distributed (gloo, NCCL) runs otherwise.
-`NXD_COMM_BACKEND=auto|shm|torch` forces a choice (default auto). A collective of the
+Every group gets its engines when it is set up (`initialize_model_parallel` for the TP, DP
+and world groups, else its first collective): the C++ shared-memory engine for CPU tensors
+when every rank of the group is on this host and the compiled extension is built,
+torch.distributed (gloo, NCCL) otherwise. `set_backend("auto"|"shm"|"torch", timeout_s)`
+forces a choice (NXD_COMM_BACKEND and NXD_COMM_TIMEOUT override it). A collective of the
 shared-memory engine fails with CollectiveError when a peer dies, or stalls for longer than
-NXD_COMM_TIMEOUT seconds (default: torch.distributed's default timeout).
+the timeout (default: torch.distributed's default timeout).
 """
 
 from .collectives import (
-    BACKEND_ENV,
     CollectiveLog,
     all_gather,
     all_reduce,
-    backend_choice,
     barrier,
     broadcast,
     engine_for,
     record_collectives,
     reduce_scatter,
-    register_shm_engine,
-    shm_engine_available,
+    set_backend,
+    set_default_group,
+    set_up,
 )
-from .shm import ShmEngine
+from .groups import GroupEngines
+from .native import _C
+from .settings import BACKEND_ENV, BACKENDS, TIMEOUT_ENV
 
-register_shm_engine(ShmEngine())
+
+def shm_engine_available() -> bool:
+    """Whether the compiled shared-memory engine is built (it still runs only for groups it can serve)."""
+    return _C is not None
+
 
 __all__ = [
+    "BACKENDS",
     "BACKEND_ENV",
-    "ShmEngine",
+    "TIMEOUT_ENV",
     "CollectiveLog",
+    "GroupEngines",
     "all_gather",
     "all_reduce",
-    "backend_choice",
     "barrier",
     "broadcast",
     "engine_for",
     "record_collectives",
     "reduce_scatter",
-    "register_shm_engine",
+    "set_backend",
+    "set_default_group",
+    "set_up",
     "shm_engine_available",
 ]

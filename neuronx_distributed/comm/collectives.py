@@ -1,117 +1,139 @@
-"""Public collectives: validate, pick the engine, reshape along any dim, record.
+"""Public collectives: validate, look the group's engine up, reshape along any dim, record.
 
-Every function takes a torch process group (default: the tensor-parallel group)
-and returns its result; `all_reduce` and `broadcast` work in place like
-torch.distributed and also return the tensor.
+Every function takes a torch process group (default: the group that `set_default_group`
+registered, the tensor-parallel group once parallel_state is imported) and returns its
+result; `all_reduce` and `broadcast` work in place like torch.distributed and also return
+the tensor.
 
-No rank is left waiting for a peer that went elsewhere: on a group that the
-shared-memory engine serves, a rank whose call runs on torch.distributed (a dtype
-or device that shared memory does not run) or raises for its input says so in one
-shared-memory step first, and a peer that chose shared memory for that call fails
-at once with CollectiveError, as does this rank. (Groups that shared memory does
-not serve rely on torch.distributed's own timeout.)
+An eager call goes straight to the engine that its group (`comm.groups`) chose for the
+tensor's device and dtype at the first such call. A call being traced (torch.compile,
+torch.export, or any torch dispatch mode, e.g. CommDebugMode) goes through the engine's
+traced form instead: the `torch.ops.nxd.shm_*` custom ops for shared memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from ..errors import CollectiveError, InputShapeError, NeuronxDistributedError
-from .engine import Engine, SharedMemoryEngine, TorchEngine
+from . import settings
+from .engine import Engine
+from .groups import GroupEngines
 
-BACKEND_ENV = "NXD_COMM_BACKEND"
-_BACKEND_CHOICES = ("auto", "shm", "torch")
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+_KNOWN_OPS = {**_REDUCE_OPS, dist.ReduceOp.SUM: dist.ReduceOp.SUM, dist.ReduceOp.MAX: dist.ReduceOp.MAX}
+_EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
 
-_torch_engine = TorchEngine()
-_shm_engine: SharedMemoryEngine | None = None
-
-
-def register_shm_engine(engine: SharedMemoryEngine) -> None:
-    """Install the shared-memory engine that `auto` and `shm` choose."""
-    global _shm_engine
-    _shm_engine = engine
+_engines: dict[dist.ProcessGroup, GroupEngines] = {}
+_default_group: Callable[[], dist.ProcessGroup] | None = None
+# The registry that torch.distributed.get_rank consults, read directly: `_engines_of` runs on every call.
+_live_groups = dist.distributed_c10d._world.pg_group_ranks
 
 
-def shm_engine_available() -> bool:
-    """Whether the shared-memory engine is installed (it still runs only where it `supports` the call)."""
-    return _shm_engine is not None
+def set_default_group(resolve: Callable[[], dist.ProcessGroup]) -> None:
+    """Use `resolve()` as the group of collectives called without one (parallel_state registers its TP group)."""
+    global _default_group
+    _default_group = resolve
 
 
-def backend_choice() -> str:
-    """The engine choice from NXD_COMM_BACKEND: auto (default), shm or torch."""
-    text = os.environ.get(BACKEND_ENV, "auto")
-    if text in _BACKEND_CHOICES:  # read on every collective: skip the normalizing when it is not needed
-        return text
-    choice = text.strip().lower() or "auto"
-    if choice not in _BACKEND_CHOICES:
-        raise CollectiveError(f"{BACKEND_ENV}={choice!r} is not one of {', '.join(_BACKEND_CHOICES)}.")
-    return choice
+def set_backend(backend: str = "auto", timeout_s: float | None = None) -> None:
+    """Choose the engine of every group from its next collective on: auto (shared memory where it can
+    run, else torch.distributed), shm (shared memory or a CollectiveError) or torch; and the seconds
+    the shared-memory engine waits for a stalled peer (None: torch.distributed's default timeout).
+
+    NXD_COMM_BACKEND and NXD_COMM_TIMEOUT, when set, override these. Call it alike on every rank:
+    each group sets its engines up again at its next collective, and its ranks raise
+    CommBackendError there if they were set up differently.
+    """
+    backend = settings.check_backend(backend, "backend")
+    if timeout_s is not None:
+        timeout_s = settings.check_timeout(timeout_s, "timeout_s")
+    settings.store(backend, timeout_s)
+    _engines.clear()
 
 
-def engine_for(tensor: torch.Tensor, group: dist.ProcessGroup) -> Engine:
-    """The engine that runs a collective on `tensor` over `group` (sets the group's engine up on first use)."""
-    choice = backend_choice()
-    if choice == "torch":
-        return _torch_engine
-    shm_usable = _shm_engine is not None and _shm_engine.supports(tensor, group)
-    if choice == "shm" and not shm_usable:
-        raise _shm_refusal(tensor)
-    return _shm_engine if shm_usable else _torch_engine
+def set_up(group=None) -> GroupEngines:
+    """Set the group's engines up now (collective over the group) unless done already, and return them."""
+    return _engines_of(group)
 
 
-def _shm_refusal(tensor: torch.Tensor) -> CollectiveError:
-    return CollectiveError(
-        f"{BACKEND_ENV}=shm but the shared-memory engine cannot run this collective "
-        f"(a {tensor.device.type} tensor of {tensor.dtype}; it needs CPU tensors of float32, float64, bfloat16 "
-        f"or float16 and every rank of the group on this host); unset {BACKEND_ENV} or set it to auto or torch."
+def engine_for(group=None, tensor: torch.Tensor | None = None) -> Engine:
+    """The engine that runs eager collectives on `tensor` (default: a CPU float32 tensor) over `group`."""
+    return _engines_of(group).engine_for(torch.empty(0) if tensor is None else tensor)
+
+
+def _engines_of(group) -> GroupEngines:
+    """The group's engines (set up at its first call: collective), refused unless this rank is a live member."""
+    if group is None:
+        if _default_group is None:
+            raise CollectiveError(
+                "no process group given and no default registered; pass group=, or call "
+                "parallel_state.initialize_model_parallel to use the tensor-parallel group."
+            )
+        group = _default_group()
+    try:
+        engines = _engines.get(group)
+    except TypeError:  # unhashable: not a group, refused below
+        engines = None
+    if engines is not None and group in _live_groups:
+        return engines
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise CollectiveError(
+            f"global rank {dist.get_rank()} is not a member of this process group (torch.distributed.new_group "
+            "returns GroupMember.NON_GROUP_MEMBER on the ranks it leaves out); call the collective only on the "
+            "ranks that the group was created with."
+        )
+    if not isinstance(group, dist.ProcessGroup):
+        raise CollectiveError(
+            f"group must be a torch.distributed.ProcessGroup (or None for the tensor-parallel group), got "
+            f"{type(group).__name__}; create it with torch.distributed.new_group(ranks)."
+        )
+    if group not in _live_groups:
+        _engines.pop(group, None)
+        raise CollectiveError(
+            "this process group was destroyed (torch.distributed.destroy_process_group or "
+            "parallel_state.destroy_model_parallel); use a live group, e.g. the current "
+            "parallel_state.get_tensor_model_parallel_group()."
+        )
+    if torch.compiler.is_compiling():
+        raise CollectiveError(
+            "a collective is traced on a process group whose engines are not set up; run comm.set_up(group) "
+            "(or one eager collective on it) on every rank before torch.compile or torch.export."
+        )
+    for stale in [known for known in _engines if known not in _live_groups]:
+        del _engines[stale]
+    engines = _engines[group] = GroupEngines.set_up(group)
+    return engines
+
+
+def _traced(tensor: torch.Tensor) -> bool:
+    """Whether this call is being traced or intercepted (torch.compile, torch.export, fake or functional
+    tensors, a torch dispatch mode): then it must go through ops that the tracer sees."""
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or type(tensor) not in _EAGER_TYPES
     )
 
 
-def _engine_for_call(
-    collective: str,
-    tensor: torch.Tensor,
-    group: dist.ProcessGroup,
-    op: dist.ReduceOp = dist.ReduceOp.SUM,
-    root: int = -1,
-    invalid: NeuronxDistributedError | None = None,
-) -> Engine:
-    """`engine_for`, plus the announcement (module docstring) when this rank leaves shared memory.
+def _engine(engines: GroupEngines, tensor: torch.Tensor) -> Engine:
+    return engines.traced_engine_for(tensor) if _traced(tensor) else engines.engine_for(tensor)
 
-    `invalid` is this rank's error for its input, raised here once the peers know.
-    """
-    choice = backend_choice()
-    shm = _shm_engine
-    if invalid is None and choice != "torch" and shm is not None and shm.supports(tensor, group):
-        return shm  # the fast path: as cheap as before the announcements existed
-    if choice == "torch":
-        if invalid is not None:
-            raise invalid
-        return _torch_engine
-    # Whether shared memory serves the group depends on the group alone (and the tensor being on CPU,
-    # which all ranks of a call share), never on this rank's dtype: every rank reaches the same answer.
-    on_cpu = not isinstance(tensor, torch.Tensor) or tensor.device.type == "cpu"  # a non-tensor is refused below
-    served = shm is not None and on_cpu and shm.serves(group)
-    if invalid is None and choice == "shm":
-        invalid = _shm_refusal(tensor)
-    if served and not torch.compiler.is_compiling():
-        count = tensor.numel() if isinstance(tensor, torch.Tensor) else 0
-        reason = "invalid_input" if invalid is not None else "other_engine"
-        try:
-            shm.announce_elsewhere(group, collective, reason, count, op, root)
-        except CollectiveError as disagreement:
-            if invalid is not None:
-                raise invalid from disagreement
-            raise
-    if invalid is not None:
-        raise invalid
-    return _torch_engine
+
+def _refuse(engines: GroupEngines, collective: str, tensor, error: NeuronxDistributedError, op=None, root=-1):
+    """Raise `error` for this rank's input, once the peers on shared memory know of it."""
+    shm = engines.shm
+    on_cpu = not isinstance(tensor, torch.Tensor) or tensor.device.type == "cpu"  # a non-tensor is refused alike
+    if shm is None or not on_cpu or engines.backend == "torch" or torch.compiler.is_compiling():
+        raise error
+    count = tensor.numel() if isinstance(tensor, torch.Tensor) else 0
+    shm.announce_refusal(collective, count, op if op is not None else dist.ReduceOp.SUM, root, error)
 
 
 @dataclass
@@ -144,90 +166,56 @@ def _record(name: str, engine: Engine, tensor: torch.Tensor) -> None:
         log.calls.append((name, engine.name, tensor.numel()))
 
 
-def _resolve_group(group) -> dist.ProcessGroup:
-    """The group to run on (default: the TP group), refused unless this rank is a live member of it."""
-    if group is None:
-        from ..parallel_layers import parallel_state
-
-        return parallel_state.get_tensor_model_parallel_group()
-    if group is dist.GroupMember.NON_GROUP_MEMBER:
-        raise CollectiveError(
-            f"global rank {dist.get_rank()} is not a member of this process group (torch.distributed.new_group "
-            "returns GroupMember.NON_GROUP_MEMBER on the ranks it leaves out); call the collective only on the "
-            "ranks that the group was created with."
-        )
-    if not isinstance(group, dist.ProcessGroup):
-        raise CollectiveError(
-            f"group must be a torch.distributed.ProcessGroup (or None for the tensor-parallel group), got "
-            f"{type(group).__name__}; create it with torch.distributed.new_group(ranks)."
-        )
-    # The registry that torch.distributed.get_rank consults, read directly: this runs on every call.
-    if group not in dist.distributed_c10d._world.pg_group_ranks:
-        raise CollectiveError(
-            "this process group was destroyed (torch.distributed.destroy_process_group or "
-            "parallel_state.destroy_model_parallel); use a live group, e.g. the current "
-            "parallel_state.get_tensor_model_parallel_group()."
-        )
-    return group
-
-
 def _resolve_op(op) -> dist.ReduceOp:
+    try:
+        return _KNOWN_OPS[op]
+    except (KeyError, TypeError):
+        pass
+    if op in _REDUCE_OPS.values():
+        return op
     if isinstance(op, str):
         if op.lower() not in _REDUCE_OPS:
             raise CollectiveError(f"reduce op {op!r} is not supported; use 'sum' or 'max'.")
         return _REDUCE_OPS[op.lower()]
-    if op not in _REDUCE_OPS.values():
-        raise CollectiveError(f"reduce op {op!r} is not supported; use ReduceOp.SUM or ReduceOp.MAX.")
-    return op
+    raise CollectiveError(f"reduce op {op!r} is not supported; use ReduceOp.SUM or ReduceOp.MAX.")
 
 
 def all_reduce(tensor: torch.Tensor, op="sum", group=None) -> torch.Tensor:
     """Reduce `tensor` over the group in place (sum or max) and return it."""
-    group = _resolve_group(group)
-    if group.size() == 1:
+    engines = _engines_of(group)
+    if engines.size == 1:
         _resolve_op(op)
         return tensor
-    # A typed error for this rank's input is raised by _engine_for_call, once the peers know of it.
-    resolved, invalid = dist.ReduceOp.SUM, None
     try:
         resolved = _resolve_op(op)
         _check_writable(tensor)
     except NeuronxDistributedError as error:
-        invalid = error
-    engine = _engine_for_call("all_reduce", tensor, group, op=resolved, invalid=invalid)
-    _record("all_reduce", engine, tensor)
+        _refuse(engines, "all_reduce", tensor, error)
+    engine = _engine(engines, tensor)
+    if _active_logs:
+        _record("all_reduce", engine, tensor)
     if tensor.is_contiguous():
-        engine.all_reduce_(tensor, resolved, group)
+        engine.all_reduce_(tensor, resolved)
     else:
         contiguous = tensor.contiguous()
-        engine.all_reduce_(contiguous, resolved, group)
+        engine.all_reduce_(contiguous, resolved)
         tensor.copy_(contiguous)
     return tensor
 
 
 def all_gather(tensor: torch.Tensor, dim: int = -1, group=None) -> torch.Tensor:
     """Concatenate every rank's `tensor` along `dim`, in group-rank order."""
-    group = _resolve_group(group)
-    world = group.size()
+    engines = _engines_of(group)
+    world = engines.size
     if world == 1:
         return tensor
-    invalid = None
     try:
         dim = _check_dim(tensor, dim)
     except NeuronxDistributedError as error:
-        invalid = error
-    engine = _engine_for_call("all_gather", tensor, group, invalid=invalid)
+        _refuse(engines, "all_gather", tensor, error)
+    engine = _engine(engines, tensor)
     _record("all_gather", engine, tensor)
-    if _on_gloo(engine, group):
-        # gloo's all-gather is slower than one broadcast from each rank (4 processes on one
-        # host, 2026-12: 25 MB in 243 ms vs 153 ms, 100 MB in 842 vs 584 ms; 2 processes,
-        # 100 MB: 682 vs 292 ms), so on gloo every rank broadcasts its row in turn.
-        stacked = tensor.new_empty(world, *tensor.shape)
-        stacked[group.rank()].copy_(tensor)
-        for src in range(world):
-            engine.broadcast_(stacked[src], src, group)
-    else:
-        stacked = engine.all_gather(tensor.contiguous(), group)  # (world, *shape)
+    stacked = engine.all_gather(tensor.contiguous())  # (world, *shape)
     shape = list(tensor.shape)
     shape[dim] *= world
     return stacked.movedim(0, dim).reshape(shape)
@@ -235,68 +223,53 @@ def all_gather(tensor: torch.Tensor, dim: int = -1, group=None) -> torch.Tensor:
 
 def reduce_scatter(tensor: torch.Tensor, dim: int = -1, op="sum", group=None) -> torch.Tensor:
     """Reduce `tensor` over the group and return this rank's chunk of it along `dim`."""
-    group = _resolve_group(group)
-    world = group.size()
+    engines = _engines_of(group)
+    world = engines.size
     if world == 1:
         _resolve_op(op)
         return tensor
-    resolved, invalid = dist.ReduceOp.SUM, None
     try:
         resolved = _resolve_op(op)
         dim = _check_scatter_dim(tensor, dim, world)
     except NeuronxDistributedError as error:
-        invalid = error
-    engine = _engine_for_call("reduce_scatter", tensor, group, op=resolved, invalid=invalid)
+        _refuse(engines, "reduce_scatter", tensor, error)
+    engine = _engine(engines, tensor)
     _record("reduce_scatter", engine, tensor)
     chunk = tensor.shape[dim] // world
     split = tensor.unflatten(dim, (world, chunk)).movedim(dim, 0).contiguous()
-    if _on_gloo(engine, group):
-        # gloo's reduce-scatter is slower than its all-reduce (4 processes on one host,
-        # 2026-12: 100 MB in 1098 ms vs 985 ms, 8 MB in 92 vs 70 ms; 2 processes, 100 MB:
-        # 726 vs 684 ms), so on gloo: all-reduce a copy and keep this rank's row.
-        if split.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
-            split = split.clone()  # never reduce into the caller's tensor
-        engine.all_reduce_(split, resolved, group)
-        return split[group.rank()].clone()
-    return engine.reduce_scatter(split, resolved, group)
-
-
-def _on_gloo(engine: Engine, group: dist.ProcessGroup) -> bool:
-    """Whether a call runs on torch.distributed over a gloo group (see all_gather and reduce_scatter)."""
-    return engine is _torch_engine and dist.get_backend(group) == "gloo"
+    return engine.reduce_scatter(split, resolved)
 
 
 def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
     """Overwrite `tensor` in place with global rank `src`'s copy and return it."""
-    group = _resolve_group(group)
-    if group.size() == 1:
+    engines = _engines_of(group)
+    if engines.size == 1:
         return tensor
-    group_src, invalid = -1, None
     try:
-        group_src = _group_rank_of(group, src)
+        group_src = _group_rank_of(engines.group, src)
         _check_writable(tensor)
     except NeuronxDistributedError as error:
-        invalid = error
-    engine = _engine_for_call("broadcast", tensor, group, root=group_src, invalid=invalid)
+        _refuse(engines, "broadcast", tensor, error)
+    engine = _engine(engines, tensor)
     _record("broadcast", engine, tensor)
     if tensor.is_contiguous():
-        engine.broadcast_(tensor, group_src, group)
+        engine.broadcast_(tensor, group_src)
     else:
         contiguous = tensor.contiguous()
-        engine.broadcast_(contiguous, group_src, group)
+        engine.broadcast_(contiguous, group_src)
         tensor.copy_(contiguous)
     return tensor
 
 
 def barrier(group=None) -> None:
     """Block until every rank of the group has called `barrier`."""
-    group = _resolve_group(group)
-    if group.size() == 1:
+    engines = _engines_of(group)
+    if engines.size == 1:
         return
     probe = torch.empty(0)
-    engine = _engine_for_call("barrier", probe, group)
+    engine = engines.engine_for(probe)
     _record("barrier", engine, probe)
-    engine.barrier(group)
+    engine.barrier()
 
 
 def _check_tensor(tensor) -> None:

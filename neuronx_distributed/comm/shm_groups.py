@@ -1,9 +1,9 @@
-"""Per-process-group shared-memory segments: set up on a group's first use, then cached.
+"""Per-process-group shared-memory segments: created when `comm.groups` sets a group up, then cached.
 
-Set-up is collective over the group (through torch.distributed): the ranks exchange their
-host identity; if all share this host, group rank 0 creates a segment under a fresh random
-name, the others attach to it, and the name leaves /dev/shm as soon as every rank has
-mapped it, so nothing is left behind however the job ends.
+Creation is collective over the group (through torch.distributed), once its ranks know they
+share this host (`host_identity`): group rank 0 creates a segment under a fresh random name,
+the others attach to it, and the name leaves /dev/shm as soon as every rank has mapped it,
+so nothing is left behind however the job ends.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from .. import _C
 from ..errors import CollectiveError
+from .native import _C
 
 # Bytes each rank stages per step; a collective on more data runs in chunks of this size.
 DEFAULT_SLOT_BYTES = 1 << 20
@@ -33,69 +32,55 @@ def host_identity() -> tuple | None:
     return (socket.gethostname(), boot, ipc_namespace, os.getuid())
 
 
-@dataclass
-class _Entry:
-    group: dist.ProcessGroup
-    handle: _C.ShmGroup | None  # None: the group spans hosts and never uses shared memory
-
-
 class GroupRegistry:
-    """The shared-memory handle of every process group this process has used, by group name."""
+    """The shared-memory handle of every process group this process has set up, by group name."""
 
-    def __init__(self, timeout_s: float, slot_bytes: int = DEFAULT_SLOT_BYTES):
-        self.timeout_s = timeout_s
+    def __init__(self, slot_bytes: int = DEFAULT_SLOT_BYTES):
         self.slot_bytes = slot_bytes
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, tuple[dist.ProcessGroup, _C.ShmGroup]] = {}
 
-    def handle(self, group: dist.ProcessGroup) -> _C.ShmGroup | None:
-        """The group's handle, set up on first use (collective); None if its ranks span hosts."""
+    def handle(self, group: dist.ProcessGroup, timeout_s: float) -> _C.ShmGroup:
+        """The group's handle, created on first use (collective; every rank must be on this host)."""
         entry = self._entries.get(group.group_name)
         # A destroyed and re-created world may reuse a group name: only the same object matches.
-        if entry is None or entry.group is not group:
+        if entry is None or entry[0] is not group:
             self._forget_destroyed_groups()
-            entry = self._entries[group.group_name] = _Entry(group, self._set_up(group))
-        return entry.handle
+            entry = self._entries[group.group_name] = (group, self._create(group, timeout_s))
+        entry[1].timeout = timeout_s
+        return entry[1]
 
     def _forget_destroyed_groups(self) -> None:
         """Unmap the segments of groups that torch.distributed has destroyed since."""
-        for name, entry in list(self._entries.items()):
+        for name, (group, _) in list(self._entries.items()):
             try:
-                dist.get_process_group_ranks(entry.group)
+                dist.get_process_group_ranks(group)
             except (KeyError, ValueError, RuntimeError):  # what torch raises for a destroyed group
                 del self._entries[name]
 
     def handle_by_name(self, group_name: str) -> _C.ShmGroup:
         """The handle of a group already set up by `handle`; used by the custom ops."""
         entry = self._entries.get(group_name)
-        if entry is None or entry.handle is None:
+        if entry is None:
             raise CollectiveError(
                 f"process group {group_name!r} has no shared-memory segment; call the collective "
                 "through neuronx_distributed.comm so that the group is set up first."
             )
-        return entry.handle
+        return entry[1]
 
     def set_timeout(self, seconds: float) -> None:
-        """Seconds a rank waits for its peers before a collective fails, for every group."""
-        if not seconds > 0:
-            raise CollectiveError(f"the timeout must be a positive number of seconds, got {seconds!r}.")
-        self.timeout_s = seconds
-        for entry in self._entries.values():
-            if entry.handle is not None:
-                entry.handle.timeout = seconds
+        """Seconds a rank waits for its peers before a collective fails, for every group set up so far."""
+        for _, handle in self._entries.values():
+            handle.timeout = seconds
 
-    def _set_up(self, group: dist.ProcessGroup) -> _C.ShmGroup | None:
+    def _create(self, group: dist.ProcessGroup, timeout_s: float) -> _C.ShmGroup:
         ranks = dist.get_process_group_ranks(group)
         rank = dist.get_rank(group)
-        hosts = [None] * len(ranks)
-        dist.all_gather_object(hosts, host_identity(), group=group)
-        if hosts[0] is None or any(host != hosts[0] for host in hosts):
-            return None
         handle, failure = None, None
         if rank == 0:
             # create() first removes segments orphaned by earlier jobs killed during set-up.
             name = _C.segment_name(secrets.token_hex(8))
             try:
-                handle = _C.ShmGroup.create(name, 0, ranks, self.slot_bytes, self.timeout_s)
+                handle = _C.ShmGroup.create(name, 0, ranks, self.slot_bytes, timeout_s)
             except (_C.SegmentError, ValueError) as error:
                 name, failure = None, str(error)
             shared = [name]
@@ -104,7 +89,7 @@ class GroupRegistry:
         dist.broadcast_object_list(shared, src=ranks[0], group=group)
         if rank != 0 and shared[0] is not None:
             try:
-                handle = _C.ShmGroup.attach(shared[0], rank, ranks, self.slot_bytes, self.timeout_s)
+                handle = _C.ShmGroup.attach(shared[0], rank, ranks, self.slot_bytes, timeout_s)
             except (_C.SegmentError, ValueError) as error:
                 failure = str(error)
         failures = [None] * len(ranks)
@@ -113,7 +98,7 @@ class GroupRegistry:
         if reported:
             raise CollectiveError(
                 f"could not set up shared memory for the group of global ranks {ranks}: {'; '.join(reported)}. "
-                "Free space in /dev/shm or set NXD_COMM_BACKEND=torch."
+                "Free space in /dev/shm or call comm.set_backend(\"torch\") (or set NXD_COMM_BACKEND=torch)."
             )
         handle.wait_for_peers()
         return handle

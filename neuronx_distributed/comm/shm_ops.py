@@ -1,5 +1,6 @@
 """The shared-memory collectives as torch custom ops, so torch.compile and torch.export see one
 opaque op per collective (`torch.ops.nxd.shm_*`), each with a fake implementation for tracing.
+Eager calls do not come here: `comm` calls the bound C++ functions directly (see `shm.ShmEngine`).
 
 The ops are declared with `torch.library.define`/`impl`/`register_fake` rather than the
 `torch.library.custom_op` decorator: the decorator's Python wrapper costs about 20 us a call,
@@ -11,34 +12,15 @@ letting nanobind call `Tensor.__dlpack__`.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
-import torch.distributed as dist
 from torch.utils.dlpack import to_dlpack
 
-from .. import _C
 from ..errors import CollectiveError
+from .native import _C
 from .shm_groups import GroupRegistry
 
-TIMEOUT_ENV = "NXD_COMM_TIMEOUT"
-
-
-def default_timeout_s() -> float:
-    """Seconds to wait for a stalled peer: NXD_COMM_TIMEOUT, else torch.distributed's default."""
-    text = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not text:
-        return dist.default_pg_timeout.total_seconds()
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise CollectiveError(f"{TIMEOUT_ENV}={text!r} must be a positive number of seconds.")
-    return seconds
-
-
-groups = GroupRegistry(timeout_s=default_timeout_s())
+groups = GroupRegistry()
 
 
 def _raising_collective_error(kernel):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .. import comm
 from ..errors import (
     CollectiveError,
     ModelParallelAlreadyInitializedError,
@@ -150,6 +151,9 @@ def initialize_model_parallel(
         tensor_parallel_rank=rank % tensor_model_parallel_size,
         data_parallel_rank=rank // tensor_model_parallel_size,
     )
+    # Each group's collective engines are set up now (collective over it), in the same order on every rank.
+    for group in (tp_group, dp_group, dist.group.WORLD):
+        comm.set_up(group)
 
 
 # initialize_model_parallel calls made by this process: the ranks match their calls up by this count.
@@ -314,3 +318,6 @@ def get_tensor_model_parallel_src_rank() -> int:
 get_tensor_parallel_size = get_tensor_model_parallel_size
 get_data_parallel_world_size = get_data_parallel_size
 get_tensor_model_parallel_world_size = get_tensor_model_parallel_size
+
+
+comm.set_default_group(get_tensor_model_parallel_group)

@@ -102,7 +102,7 @@ def _set_up_collective_engines() -> None:
     """
     for group in known_groups().values():
         if dist.get_world_size(group) > 1:
-            comm.engine_for(torch.empty(0), group)
+            comm.set_up(group)
 
 
 def collective_ops(program: torch.export.ExportedProgram) -> dict[str, list[str]]:

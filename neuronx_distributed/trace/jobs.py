@@ -91,7 +91,7 @@ class LoadJob:
                 )
             if any(op.startswith("nxd.") for op in collectives):
                 # Set up the group's shared-memory segment (collective over the group) before the first call.
-                comm.ShmEngine().supports(torch.empty(0), group)
+                comm.set_up(group)
         check_aliases(program, self.io_aliases, self.outputs, where)
         return Shard(program, self.outputs, collectives, self.record.groups, self.io_aliases)
 
