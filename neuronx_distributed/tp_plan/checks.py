@@ -65,10 +65,15 @@ def _head_dim(module: nn.Module) -> int | None:
 
 
 def attention_updates(swaps: dict[str, Swap], model: nn.Module, world: int) -> dict[str, dict]:
-    """Attention module name -> its head-count attributes' per-rank values; sets each KV projection's multiplier."""
+    """Attention module name -> its head-count attributes' per-rank values; sets each KV projection's multiplier.
+
+    Only projections whose sharded side stays local (column without gather, row on a parallel input)
+    put the attention module's forward on local heads.
+    """
     by_parent: dict[str, list[Swap]] = {}
     for swap in swaps.values():
-        if swap.style.kind in ("column", "row"):
+        style = swap.style
+        if (style.kind == "column" and not style.gather_output) or (style.kind == "row" and style.input_is_parallel):
             by_parent.setdefault(swap.name.rpartition(".")[0], []).append(swap)
     updates = {}
     for parent_name, children in by_parent.items():
