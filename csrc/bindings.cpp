@@ -8,6 +8,7 @@
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
 
+#include <iterator>
 #include <string>
 
 #include "errors.hpp"
@@ -22,8 +23,10 @@ namespace {
 using CpuTensor = nb::ndarray<nb::device::cpu, nb::c_contig>;
 
 std::string describe_dtype(const nb::dlpack::dtype& dtype) {
-  static const char* codes[] = {"int", "uint", "float", "?", "bfloat", "complex", "bool"};
-  const std::string code = dtype.code < 7 ? codes[dtype.code] : "dlpack code " + std::to_string(dtype.code) + " ";
+  // Indexed by DLPack's type code (nb::dlpack::dtype_code); 3 is OpaqueHandle.
+  static constexpr const char* codes[] = {"int", "uint", "float", "?", "bfloat", "complex", "bool"};
+  const std::string code =
+      dtype.code < std::size(codes) ? codes[dtype.code] : "dlpack code " + std::to_string(dtype.code) + " ";
   return code + std::to_string(dtype.bits);
 }
 

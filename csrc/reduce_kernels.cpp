@@ -100,7 +100,7 @@ using Kernel = void (*)(ReduceOp, void*, void*, const void* const*, size_t, size
 
 // One kernel per dtype, indexed by DType.
 struct KernelSet {
-  Kernel by_dtype[4];
+  Kernel by_dtype[kDTypeCount];
 };
 
 // Defines the kernel set `name`, each function compiled with `attributes`.
@@ -140,6 +140,7 @@ size_t dtype_size(DType dtype) {
     case DType::Float64: return 8;
     case DType::BFloat16: return 2;
     case DType::Float16: return 2;
+    case DType::kCount: break;
   }
   throw UnsupportedArgument("unknown dtype code " + std::to_string(static_cast<int>(dtype)));
 }
@@ -150,6 +151,7 @@ const char* dtype_name(DType dtype) {
     case DType::Float64: return "float64";
     case DType::BFloat16: return "bfloat16";
     case DType::Float16: return "float16";
+    case DType::kCount: break;
   }
   return "unknown dtype";
 }
@@ -159,7 +161,7 @@ const char* reduce_op_name(ReduceOp op) { return op == ReduceOp::Sum ? "sum" : "
 void reduce(DType dtype, ReduceOp op, void* dst, void* mirror, const void* const* srcs, size_t n_src, size_t count) {
   static const KernelSet& kernels = kernels_for_this_cpu();
   const auto index = static_cast<size_t>(dtype);
-  if (index >= 4) throw UnsupportedArgument(std::string("cannot reduce elements of ") + dtype_name(dtype));
+  if (index >= kDTypeCount) throw UnsupportedArgument(std::string("cannot reduce elements of ") + dtype_name(dtype));
   if (n_src == 0 || count == 0) return;
   kernels.by_dtype[index](op, dst, mirror, srcs, n_src, count);
 }

@@ -15,8 +15,11 @@ using Half = _Float16;
 #error "the engine needs a half-precision type: build with GCC >= 12 or Clang >= 15"
 #endif
 
-enum class DType : uint8_t { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
+// kCount is one past the last, for tables indexed by the enum.
+enum class DType : uint8_t { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3, kCount };
 enum class ReduceOp : uint8_t { Sum = 0, Max = 1 };
+
+inline constexpr size_t kDTypeCount = static_cast<size_t>(DType::kCount);
 
 size_t dtype_size(DType dtype);
 const char* dtype_name(DType dtype);

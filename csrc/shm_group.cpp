@@ -10,6 +10,7 @@
 #include <chrono>
 #include <climits>
 #include <cstring>
+#include <iterator>
 #include <new>
 #include <sstream>
 
@@ -76,9 +77,14 @@ long futex(std::atomic<uint32_t>* word, int op, uint32_t value, const timespec* 
   return ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, value, timeout, nullptr, 0);
 }
 
-const char* kind_name(int kind) {
-  static const char* names[] = {"?", "all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier"};
-  return kind >= 1 && kind <= 5 ? names[kind] : names[0];
+// Indexed by Collective; 0 is no collective (a corrupt or foreign call head).
+constexpr const char* kCollectiveNames[] = {"?", "all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier"};
+static_assert(std::size(kCollectiveNames) == static_cast<size_t>(Collective::kCount),
+              "one name per Collective");
+
+const char* kind_name(Collective kind) {
+  const auto index = static_cast<size_t>(kind);
+  return index < std::size(kCollectiveNames) ? kCollectiveNames[index] : kCollectiveNames[0];
 }
 
 void validate_config(const GroupConfig& config) {
@@ -112,7 +118,7 @@ ShmGroup::Call ShmGroup::Call::unpack(uint64_t head, uint64_t count) {
 
 std::string ShmGroup::Call::describe() const {
   std::ostringstream text;
-  text << kind_name(static_cast<int>(kind)) << "(";
+  text << kind_name(kind) << "(";
   if (elsewhere != 0) {
     // Announced, not run here: the element type may be one this engine does not know.
     if (kind == Collective::AllReduce || kind == Collective::ReduceScatter) text << reduce_op_name(op) << ", ";
@@ -126,7 +132,8 @@ std::string ShmGroup::Call::describe() const {
         break;
       case Collective::AllGather: text << dtype_name(dtype) << ", " << count << " bytes"; break;
       case Collective::Broadcast: text << dtype_name(dtype) << ", " << count << " bytes from rank " << root; break;
-      case Collective::Barrier: break;
+      case Collective::Barrier:
+      case Collective::kCount: break;
     }
   }
   text << ")";

@@ -35,8 +35,9 @@ struct GroupConfig {
 struct SegmentHeader;
 struct RankLine;
 
-// The collectives of the engine, as every rank of a step publishes them.
-enum class Collective : uint8_t { AllReduce = 1, AllGather, ReduceScatter, Broadcast, Barrier };
+// The collectives of the engine, as every rank of a step publishes them. 0 is no collective;
+// kCount is one past the last, for tables indexed by Collective.
+enum class Collective : uint8_t { AllReduce = 1, AllGather, ReduceScatter, Broadcast, Barrier, kCount };
 
 // Why a rank does not run a collective on this engine (see ShmGroup::announce_elsewhere).
 enum class Elsewhere : uint8_t { OtherEngine = 1, InvalidInput = 2 };

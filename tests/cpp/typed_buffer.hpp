@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <vector>
 
 #include "reduce_kernels.hpp"
@@ -26,6 +27,7 @@ class TypedBuffer {
         store(i, static_cast<uint16_t>(bits >> 16));
         break;
       }
+      case DType::kCount: break;  // the constructor's dtype_size() refused it
     }
   }
 
@@ -40,6 +42,7 @@ class TypedBuffer {
         std::memcpy(&f, &bits, 4);
         return f;
       }
+      case DType::kCount: break;
     }
     return 0;
   }
@@ -65,6 +68,7 @@ class TypedBuffer {
 };
 
 inline const DType kAllDTypes[] = {DType::Float32, DType::Float64, DType::BFloat16, DType::Float16};
+static_assert(std::size(kAllDTypes) == kDTypeCount, "the tests cover every dtype");
 
 // Small integers: exact in every dtype, also after summing a few ranks.
 inline double test_value(int rank, size_t i) { return static_cast<double>((rank * 7 + i * 13) % 17) - 8.0; }
