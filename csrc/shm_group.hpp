@@ -80,7 +80,7 @@ class ShmGroup {
   int size() const { return size_; }
   size_t slot_bytes() const { return slot_bytes_; }
   void set_timeout(double seconds);
-  double timeout() const { return timeout_s_.load(); }
+  double timeout() const { return timeout_s_.load(std::memory_order_relaxed); }
   // A readable name for messages, e.g. "group [0, 1]".
   std::string label() const;
 
@@ -117,14 +117,18 @@ class ShmGroup {
   void check_interruption(const std::string& waiting_in);
   // Marks the group failed for every rank (the first reason wins) and wakes sleeping peers.
   void abort_group(const std::string& reason);
-  int first_behind(uint64_t step, int from) const;
+  // The first rank from `from` on that has not published `step`, or -1; -1 from
+  // first_not_joined() once every rank has mapped the segment.
+  int first_behind(uint64_t step, int from, std::memory_order order = std::memory_order_acquire) const;
+  int first_not_joined() const;
   void sleep_until_behind_moves(uint64_t step, int behind);
   void wake_sleepers();
   [[noreturn]] void fail(const std::string& reason);
   std::string describe_rank(int rank) const;
 
+  // Who may touch what. Set in the constructor and constant after it (read by any thread):
   SharedSegment segment_;
-  SegmentHeader* header_;
+  SegmentHeader* header_;  // the shared fields carry their own rules (shm_group.cpp)
   char* lines_;
   char* slots_;
   std::string name_;
@@ -132,13 +136,20 @@ class ShmGroup {
   int size_;
   size_t slot_bytes_;
   std::vector<int> global_ranks_;
+  // Any thread, lock-free (set_timeout may run while a collective waits):
   std::atomic<double> timeout_s_;
+  // Set once by the owner before the first collective (the bindings do it at creation), read
+  // under mutex_; never changed while a collective may run:
+  std::function<void()> interruption_check_;
+  // Guarded by mutex_: written and read only by the thread that holds it, i.e. inside
+  // wait_for_peers() and the collectives (and by the destructor, which runs after them). GCC
+  // has no thread-safety analysis and libstdc++'s std::mutex carries no capability attributes
+  // for clang's, so this comment is the annotation.
   bool unlinked_ = false;
-  uint64_t step_ = 0;
+  uint64_t step_ = 0;                 // the last step this rank published (== line(rank_).step)
   std::vector<const void*> sources_;  // scratch: the buffers one reduction reads
   std::string broken_;                // why the group is unusable, empty while it works
-  std::function<void()> interruption_check_;
-  std::mutex mutex_;    // one collective at a time per group in this process
+  std::mutex mutex_;  // one collective at a time per group in this process
 };
 
 }  // namespace nxd
