@@ -266,7 +266,8 @@ void ShmGroup::wait_for_peers() {
           }
         }
         fail(missing + " of " + label() + " did not attach to the shared-memory segment within " +
-             std::to_string(timeout_s_.load(std::memory_order_relaxed)) + " s; check that every rank of the group set it up");
+             std::to_string(timeout_s_.load(std::memory_order_relaxed)) +
+             " s; check that every rank of the group set it up");
       }
       ::usleep(100);
     }

@@ -12,7 +12,8 @@ namespace {
 bool is_open(int fd) { return ::fcntl(fd, F_GETFD) != -1; }
 
 static_assert(!std::is_copy_constructible_v<FileDescriptor> && !std::is_copy_assignable_v<FileDescriptor>);
-static_assert(std::is_nothrow_move_constructible_v<FileDescriptor> && std::is_nothrow_move_assignable_v<FileDescriptor>);
+static_assert(std::is_nothrow_move_constructible_v<FileDescriptor> &&
+              std::is_nothrow_move_assignable_v<FileDescriptor>);
 
 TEST(FileDescriptor, ClosesWhenItsLastOwnerGoes) {
   int raw = -1;
