@@ -19,16 +19,26 @@ and Llama 3 8B; they need the memory: fp32 weights plus AdamW state are 16 bytes
 per parameter, divided by TP and, with --zero1, the optimizer part by DP;
 --num_layers trims them).
 
-The step: every micro-batch's summed token losses divided by the number of
-tokens in the global batch, backward, the gradients averaged over DP, clipped
-to a global norm of 1.0 and stepped by AdamW with a linear warm-up and decay. With the same seed and global
-batch every TP x DP layout computes the same losses (there is no dropout).
+It trains through upstream NxD's trainer API: `neuronx_distributed_config`
+(ZeRO-1 with --zero1, clipping at a global norm of 1.0, activation checkpointing
+of every decoder layer with --activation_checkpointing), `initialize_parallel_model`
+(the model of llama_model.py, sharded by `parallelize`), `initialize_parallel_optimizer`
+(AdamW; its step averages the gradients over DP and clips them, or with ZeRO-1
+reduce-scatters them and steps 1/DP of the state) and `save_checkpoint` /
+`load_checkpoint`. The loss of a micro-batch is its summed token losses divided by
+the number of tokens in the global batch; AdamW runs with a linear warm-up and
+decay. With the same seed and global batch every TP x DP layout computes the same
+losses (there is no dropout). Sequence parallelism is not offered: `parallelize`
+has no sequence-parallel mode for Hugging Face models.
 
 Writes to --output_dir: metrics.csv (one row per optimizer step; on resume the
 rows after the checkpoint are dropped), loss.png (this run, plus any
---compare_with runs), config.json, and the sharded checkpoint `checkpoint/`
-(every --checkpoint_every steps and at the end). --resume continues from it
-exactly: the model, AdamW's state, the schedule and the data position.
+--compare_with runs), config.json, and tagged checkpoints `checkpoint/step_N/`
+(every --checkpoint_every steps and at the end, the newest --num_kept_checkpoint
+kept). --resume continues from the newest exactly: the model, AdamW's state (per
+DP rank with ZeRO-1), the schedule and the data position.
+`nxd checkpoint merge checkpoint/step_N/model merged/` and config.json make a
+folder that `LlamaForCausalLM.from_pretrained` reads.
 """
 
 from __future__ import annotations
@@ -45,14 +55,17 @@ from tqdm import tqdm
 from transformers.optimization import get_linear_schedule_with_warmup
 
 from causal_lm_data import TokenSequences
-from llama_model import MODEL_CONFIGS, build_llama, causal_lm_loss_sum, llama_config, parallelize_llama, parameter_bytes
-from neuronx_distributed import parallel_layers
-from neuronx_distributed.parallel_layers import (
-    all_reduce_gradients,
-    clip_grad_norm,
-    move_model_to_device,
-    parallel_state,
+from llama_model import MODEL_CONFIGS, build_parallel_llama, causal_lm_loss_sum, llama_config, parameter_bytes
+from neuronx_distributed.parallel_layers import parallel_state
+from neuronx_distributed.trainer import (
+    has_checkpoint,
+    initialize_parallel_model,
+    initialize_parallel_optimizer,
+    load_checkpoint,
+    neuronx_distributed_config,
+    save_checkpoint,
 )
+from neuronx_distributed.utils import get_device
 
 # The BERT tutorial's metrics file and loss plot.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tp_dp_bert_hf_pretrain"))
@@ -83,12 +96,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=12349)
     parser.add_argument("--activation_checkpointing", action="store_true",
                         help="Recompute each decoder layer's activations in backward instead of keeping them.")
+    parser.add_argument("--zero1", "--use_zero_1", dest="zero1", action="store_true",
+                        help="ZeRO-1: each data-parallel rank keeps 1/DP of AdamW's state (NeuronZero1Optimizer).")
     parser.add_argument("--checkpoint_every", "--checkpoint_freq", dest="checkpoint_every", type=int, default=0,
                         help="Save every this many steps (0: only at the end).")
     parser.add_argument("--final_checkpoint", action=argparse.BooleanOptionalAction, default=True,
                         help="Save at the end of the run (--no-final_checkpoint for benchmarks).")
-    parser.add_argument("--resume", action="store_true", help="Continue from the checkpoint in --output_dir (or --resume_ckpt_path).")
-    parser.add_argument("--resume_ckpt_path", default=None, help="Checkpoint folder to resume from.")
+    parser.add_argument("--num_kept_checkpoint", type=int, default=2, help="Checkpoints kept (older ones removed; -1: all).")
+    parser.add_argument("--resume", action="store_true",
+                        help="Continue from the newest checkpoint in --output_dir/checkpoint (or --checkpoint_dir).")
+    parser.add_argument("--checkpoint_dir", default=None, help="Where checkpoints go (default: --output_dir/checkpoint).")
     parser.add_argument("--compare_with", nargs="+", default=[], metavar="METRICS_CSV",
                         help="metrics.csv files of other runs (e.g. the data-parallel counterpart) to draw on loss.png.")
     parser.add_argument("--disable_progress_bar", action="store_true")
@@ -98,93 +115,87 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1.")
     if args.warmup_steps < 0 or args.checkpoint_every < 0:
         parser.error("--warmup_steps and --checkpoint_every must not be negative.")
+    if args.num_kept_checkpoint < 1 and args.num_kept_checkpoint != -1:
+        parser.error("--num_kept_checkpoint must be at least 1, or -1 for all.")
     for path in args.compare_with:
         if not os.path.isfile(path):
             parser.error(f"--compare_with {path}: no such file; pass the metrics.csv of a finished run.")
     return args
 
 
-def build_optimizer(model, args):
-    """AdamW without weight decay on the norms, from named parameters (the checkpoint matches by name)."""
+def build_optimizer(nxd_config, model, args):
+    """AdamW (ZeRO-1 with --zero1) without weight decay on the norms, with its warm-up and decay schedule."""
     named = list(model.named_parameters())
     groups = [
-        {"params": [(n, p) for n, p in named if not any(k in n for k in NO_WEIGHT_DECAY)], "weight_decay": args.weight_decay},
-        {"params": [(n, p) for n, p in named if any(k in n for k in NO_WEIGHT_DECAY)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not any(k in n for k in NO_WEIGHT_DECAY)], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in named if any(k in n for k in NO_WEIGHT_DECAY)], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2))
+    optimizer = initialize_parallel_optimizer(nxd_config, torch.optim.AdamW, groups, lr=args.lr, betas=(args.beta1, args.beta2))
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     return optimizer, scheduler
 
 
 def train_step(model, optimizer, scheduler, batches, global_tokens: int, device, dp_group, dp_size: int):
-    """One optimizer step over this replica's micro-batches; returns (global mean token loss, grad norm) as tensors."""
+    """One optimizer step over this replica's micro-batches; returns (global mean token loss, grad norm) as tensors.
+
+    The optimizer averages the gradients over DP and clips their global norm (ZeRO-1: reduce-scatters them).
+    """
     step_loss = torch.zeros((), device=device)
     for samples in batches:
         loss = causal_lm_loss_sum(model, samples.to(device, non_blocking=True)) / global_tokens
-        # all_reduce_gradients averages over DP; the global loss is the sum of the replicas' parts.
+        # The optimizer averages the gradients over DP; the global loss is the sum of the replicas' parts.
         (loss * dp_size).backward()
         step_loss += loss.detach()
     dist.all_reduce(step_loss, group=dp_group)
-    all_reduce_gradients(model.parameters())  # then average over DP, then clip the global gradient
-    grad_norm = clip_grad_norm(model.parameters(), MAX_GRAD_NORM)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return step_loss, grad_norm
+    return step_loss, optimizer.grad_norm
 
 
-def save_checkpoint(path, model, optimizer, scheduler, step: int, consumed_samples: int) -> None:
-    parallel_layers.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "global_step": step,
-            "consumed_samples": consumed_samples,
-        },
-        path,
-    )
-
-
-def resume(path, model, optimizer, scheduler) -> tuple[int, int]:
-    if not os.path.exists(os.path.join(path, "manifest.json")):
-        raise FileNotFoundError(f"no checkpoint at {path} to resume from; train without --resume first, or pass --resume_ckpt_path.")
-    state = parallel_layers.load(path, model=model, model_key="model")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["global_step"]), int(state["consumed_samples"])
+def resume(checkpoint_dir, model, optimizer, scheduler) -> tuple[int, int]:
+    if not has_checkpoint(checkpoint_dir):
+        raise FileNotFoundError(
+            f"no checkpoint in {checkpoint_dir} to resume from; train without --resume first, or pass --checkpoint_dir."
+        )
+    position = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+    return int(position["global_step"]), int(position["consumed_samples"])
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    nxd_config = neuronx_distributed_config(
+        tensor_parallel_size=args.tensor_parallel_size,
+        optimizer_config={"zero_one_enabled": args.zero1, "grad_clipping": True, "max_grad_norm": MAX_GRAD_NORM},
+        # "full": every layer class in the model's _no_split_modules (LlamaDecoderLayer).
+        activation_checkpoint_config="full" if args.activation_checkpointing else None,
+    )
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tensor_parallel_size)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     dp_size, dp_rank = parallel_state.get_data_parallel_size(), parallel_state.get_data_parallel_rank()
     dp_group = parallel_state.get_data_parallel_group()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = get_device()
     output_dir = os.path.expanduser(args.output_dir)
-    checkpoint_dir = os.path.join(output_dir, "checkpoint")
+    checkpoint_dir = os.path.expanduser(args.checkpoint_dir or os.path.join(output_dir, "checkpoint"))
     os.makedirs(output_dir, exist_ok=True)
 
     data = TokenSequences(args.data_dir, args.seq_len, args.seed)
     config = llama_config(args.model_config, data.vocab_size, args.seq_len, args.num_layers)
-    model = parallelize_llama(build_llama(config, args.seed), args.activation_checkpointing)
-    move_model_to_device(model, device)
-    model.train()
-    optimizer, scheduler = build_optimizer(model, args)
+    model = initialize_parallel_model(nxd_config, build_parallel_llama, False, config, args.seed)
+    optimizer, scheduler = build_optimizer(nxd_config, model, args)
 
     step, consumed = 0, 0
     if args.resume:
-        step, consumed = resume(os.path.expanduser(args.resume_ckpt_path or checkpoint_dir), model, optimizer, scheduler)
+        step, consumed = resume(checkpoint_dir, model, optimizer, scheduler)
     last_step = min(step + args.steps_this_run, args.max_steps)
 
     param_bytes = parameter_bytes(model)
     global_batch = args.batch_size * args.grad_accum_usteps * dp_size
     global_tokens = global_batch * args.seq_len
-    label = f"TP={args.tensor_parallel_size} x DP={dp_size}"
+    label = f"TP={args.tensor_parallel_size} x DP={dp_size}" + " ZeRO-1" * args.zero1 + " AC" * args.activation_checkpointing
     metrics = MetricsFile(os.path.join(output_dir, "metrics.csv"), resume_step=step) if rank == 0 else None
     if rank == 0:
-        config.save_pretrained(output_dir)  # with `nxd checkpoint merge`'s model.safetensors: a Hugging Face model folder
+        config.save_pretrained(output_dir)  # config.json: with a merged checkpoint, a Hugging Face model folder
         print(
             f"Llama-{args.model_config} ({config.num_hidden_layers} layers): {label} on {world_size} {device.type} "
             f"process(es); {param_bytes:,} parameter bytes per rank; global batch {global_batch} x {args.seq_len} "
@@ -213,7 +224,9 @@ def main(argv=None) -> None:
             progress.set_postfix(loss=f"{loss_value:.4f}", tokens_per_s=f"{global_tokens / elapsed:.0f}")
             progress.update()
         if args.checkpoint_every and step % args.checkpoint_every == 0 or step == last_step and args.final_checkpoint:
-            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, consumed)
+            position = {"global_step": step, "consumed_samples": consumed}
+            save_checkpoint(checkpoint_dir, f"step_{step}", model, optimizer, scheduler, position,
+                            num_kept_ckpts=args.num_kept_checkpoint)
     progress.close()
 
     if rank == 0:
@@ -222,8 +235,8 @@ def main(argv=None) -> None:
         plot = plot_losses([metrics.path, *args.compare_with], os.path.join(output_dir, "loss.png"), labels,
                            title=f"Llama-{args.model_config} pretraining loss")
         print(f"metrics: {metrics.path}\nloss plot: {plot}", flush=True)
-        if os.path.exists(os.path.join(checkpoint_dir, "manifest.json")):
-            print(f"checkpoint: {checkpoint_dir}", flush=True)
+        if has_checkpoint(checkpoint_dir):
+            print(f"checkpoints: {checkpoint_dir}", flush=True)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
