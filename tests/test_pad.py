@@ -205,13 +205,19 @@ def _case_checkpoints_of_padded_layers(folder):
 
     # Any other full shape is refused with a typed error on every rank, the padded one included
     # (7 features padded to 8 at TP=2 and TP=4): a real 8th feature would be dropped silently.
+    # Only fc2's tensors are wrong here: the refusal comes before fc1 (read first) is changed.
     wrong = os.path.join(folder, "wrong.safetensors")
     if dist.get_rank() == 0:
-        state = {key: value.contiguous() for key, value in MLP(HIDDEN, ODD_FFN + 1, parallel=False).state_dict().items()}
+        state = {key: value.contiguous() for key, value in reference.state_dict().items()}
+        state["fc2.weight"] = torch.zeros(HIDDEN, ODD_FFN + 1)
         save_file(state, wrong)
     dist.barrier()
+    target = MLP(HIDDEN, ODD_FFN, parallel=True, pad=True)
+    before = {key: value.clone() for key, value in target.state_dict().items()}
     with pytest.raises(CheckpointShapeError, match="unpadded"):
-        load(wrong, MLP(HIDDEN, ODD_FFN, parallel=True, pad=True), sharded=False)
+        load(wrong, target, sharded=False)
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed by a refused load"
     return True
 
 

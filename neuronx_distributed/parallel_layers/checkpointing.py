@@ -653,6 +653,10 @@ def _load_unsharded(path, model, model_key, strict, placement):
         attributes = tensor_model_parallel_attributes(target)
         if get_weight_loader(target) is not None:
             loaders[source_key] = (key, shape, get_weight_loader(target))
+            # A dry run on meta tensors: a loader's refusal or a wrong shard shape shows here,
+            # in the check phase, before any tensor of the model is changed.
+            dry = get_weight_loader(target)(shape, _meta_reader(shape, target.dtype))
+            _check_shape(key, target, list(dry.shape), shape)
         elif placement.tp_size > 1 and attributes.get("tensor_model_parallel"):
             dim, stride = attributes["partition_dim"], attributes["partition_stride"]
             if dim >= len(shape):
@@ -678,6 +682,18 @@ def _load_unsharded(path, model, model_key, strict, placement):
         )
 
     return lambda: _copy_into(targets, sources, read), False
+
+
+def _meta_reader(shape: list[int], dtype: torch.dtype):
+    """A reader of a full tensor of `shape` that returns meta tensors of the slices' shapes (no I/O)."""
+
+    def read(dim, start, stop):
+        sliced = list(shape)
+        if dim is not None:
+            sliced[dim] = stop - start
+        return torch.empty(sliced, dtype=dtype, device="meta")
+
+    return read
 
 
 class _JoinedParts:

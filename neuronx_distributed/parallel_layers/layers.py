@@ -247,7 +247,8 @@ class _ShardLayout:
         if self.real == self.per_rank:
             return read(self.dim, start, start + self.per_rank)
         part = read(self.dim, start, start + self.real) if self.real else None
-        shard = torch.zeros(self.shard_shape, dtype=part.dtype if part is not None else torch.float32)
+        shard = torch.zeros(self.shard_shape, dtype=part.dtype, device=part.device) if part is not None else \
+            torch.zeros(self.shard_shape)
         if part is not None:
             shard.narrow(self.dim, 0, self.real).copy_(part)
         return shard
