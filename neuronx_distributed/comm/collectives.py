@@ -47,15 +47,18 @@ def set_backend(backend: str = "auto", timeout_s: float | None = None) -> None:
     run, else torch.distributed), shm (shared memory or a CollectiveError) or torch; and the seconds
     the shared-memory engine waits for a stalled peer (None: torch.distributed's default timeout).
 
-    NXD_COMM_BACKEND and NXD_COMM_TIMEOUT, when set, override these. Call it alike on every rank:
-    each group sets its engines up again at its next collective, and its ranks raise
-    CommBackendError there if they were set up differently.
+    NXD_COMM_BACKEND and NXD_COMM_TIMEOUT, when set, override these. Collective: call it alike on
+    every rank. The groups set up so far are set up again now, in the order they were first used
+    (their ranks raise CommBackendError if they were set up differently); others at their first call.
     """
     backend = settings.check_backend(backend, "backend")
     if timeout_s is not None:
         timeout_s = settings.check_timeout(timeout_s, "timeout_s")
     settings.store(backend, timeout_s)
+    groups = [group for group in _engines if group in _live_groups]
     _engines.clear()
+    for group in groups:
+        _engines[group] = GroupEngines.set_up(group)
 
 
 def set_up(group=None) -> GroupEngines:
