@@ -19,6 +19,7 @@ from models import expected_shard, same_seed_twins
 from test_layers import BATCH, CASES, FFN, HIDDEN, SEQ, TOL, VOCAB, _features_shard, _optimizer
 
 from neuronx_distributed import comm, parallel_state
+from neuronx_distributed.parallel_layers.random import model_parallel_xla_manual_seed
 from neuronx_distributed.parallel_layers import (
     ColumnParallelLinear,
     ParallelEmbedding,
@@ -99,7 +100,9 @@ def test_matches_torch_nn_on_the_device(device_pools, device, backend, world_siz
 def _case_built_on_the_device(device: str):
     """`device=` puts each shard on the device; the layers compute the unsharded math there."""
     tp_size = parallel_state.get_tensor_model_parallel_size()
-    torch.manual_seed(7)  # the replicated biases alike on every rank
+    # Off CPU the layers draw only their shard, from the per-rank stream; this also seeds the default
+    # generators, so the replicated biases are alike on every rank.
+    model_parallel_xla_manual_seed(7)
     column = ColumnParallelLinear(HIDDEN, FFN, gather_output=False, device=device)
     row = RowParallelLinear(FFN, HIDDEN, input_is_parallel=True, device=device)
     embedding = ParallelEmbedding(VOCAB, HIDDEN, device=device)
