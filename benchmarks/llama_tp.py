@@ -1,7 +1,7 @@
 """Llama training step at TP=1 and TP=2: tokens/s and parameter + activation bytes per rank, ours next to PyTorch's.
 
     .venv/bin/torchrun --standalone --nproc_per_node=2 benchmarks/llama_tp.py \\
-        [--width full|half] [--num_layers 2] [--seq_len 512] [--global_batch 2] [--steps 3] [--warmup 1]
+        [--width full|half] [--num_layers 2] [--seq_len 256] [--global_batch 2] [--steps 3] [--warmup 1]
 
 The model is the Llama example's `1b` preset (Llama 3.2 1B's shape: hidden 2048,
 MLP 8192, 32 query and 8 KV heads; the example's padded 30,592-id vocabulary,
@@ -257,7 +257,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", choices=("full", "half"), default="full")
     parser.add_argument("--num_layers", type=int, default=2)
-    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--global_batch", type=int, default=2, help="Sequences per step (even: TP=1 x DP=2 splits it).")
     parser.add_argument("--steps", type=int, default=3, help="Timed steps per variant.")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed steps first (the first also measures memory).")
