@@ -1,120 +1,102 @@
-"""All-reduce latency and bandwidth, 4 KB to 64 MB, between 2 processes: the shared-memory
-engine against gloo, both through `neuronx_distributed.comm`, next to single-thread memcpy
-bandwidth in one process as the physical limit. Prints one table.
+"""All-reduce latency and bandwidth, 4 KB to 64 MB, launched the way users launch (torchrun, TCP store):
 
-    python benchmarks/allreduce.py [--world-size 2] [--seconds 0.3]
+    torchrun --standalone --nproc_per_node=2 benchmarks/allreduce.py [--calls 200]
 
-Bandwidth is algorithm bandwidth: tensor bytes / time per all-reduce.
+Rank 0 prints one table; each row is one path to the same collective, measured in the same run:
+  engine    the shared-memory engine's own call: the bound C++ function on a DLPack capsule
+  op        torch.ops.nxd.shm_all_reduce_ (what torch.compile / torch.export record)
+  comm      neuronx_distributed.comm.all_reduce (validation, the group's engine, dispatch)
+  gloo      torch.distributed.all_reduce on a gloo group
+next to single-thread memcpy of the same bytes in one process, the physical limit.
+Times are medians of per-call times after a warm-up; GB/s = tensor bytes / time.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import statistics
-import tempfile
 import time
 
 import torch
+import torch.distributed as dist
+from torch.utils.dlpack import to_dlpack
 
-SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20]
-ENGINES = ("shm", "torch")
+SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
 
 
-def _seconds_per_call(fn, budget_s: float, agree=None, rounds: int = 5) -> float:
-    """Median over `rounds` of the average seconds per call of `fn`, after a warm-up.
-
-    `agree(local_decision)` returns rank 0's decision on every rank, so that all ranks make
-    the same number of calls; it is None in a single process.
-    """
-    agree = agree or (lambda decision: decision)
-    for _ in range(3):
+def median_seconds(fn, calls: int) -> float:
+    """Median seconds of one call of `fn` over `calls` calls (every rank makes as many), after a warm-up."""
+    for _ in range(min(calls, 20)):
         fn()
-    per_call = []
-    for _ in range(rounds):
-        calls, batch, start = 0, 1, time.perf_counter()
-        while True:
-            for _ in range(batch):
-                fn()
-            calls += batch
-            elapsed = time.perf_counter() - start
-            if agree(elapsed >= budget_s / rounds):
-                break
-            batch = min(batch * 2, 1024)
-        per_call.append(elapsed / calls)
-    return statistics.median(per_call)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
-def _worker(rank: int, world_size: int, store: str, seconds: float, results) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    from neuronx_distributed import comm
-
-    group = dist.new_group(list(range(world_size)))
-    flag = torch.zeros(1)
-
-    def agree(value: bool) -> bool:
-        flag.fill_(float(value))
-        dist.broadcast(flag, src=0)
-        return bool(flag.item())
-
-    timings = {}
-    for engine in ENGINES:
-        os.environ[comm.BACKEND_ENV] = engine
-        for nbytes in SIZES:
-            tensor = torch.zeros(nbytes // 4)
-            timings[engine, nbytes] = _seconds_per_call(lambda: comm.all_reduce(tensor, group=group), seconds, agree)
-            tensor.fill_(rank + 1)
-            comm.all_reduce(tensor, group=group)
-            if not torch.all(tensor == world_size * (world_size + 1) // 2):
-                raise RuntimeError(f"the {engine} engine's all_reduce gave a wrong sum")
-    if rank == 0:
-        results.put(timings)
-    dist.destroy_process_group()
-
-
-def memcpy_seconds(nbytes: int, seconds: float) -> float:
-    torch.set_num_threads(1)
-    src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
-    return _seconds_per_call(lambda: dst.copy_(src), seconds)
+def calls_for(nbytes: int, calls: int) -> int:
+    """Fewer calls for large tensors, so that every size takes about as long."""
+    return max(10, min(calls, calls * (1 << 20) // max(nbytes, 1)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world-size", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=0.3, help="measuring time per size and engine")
+    parser.add_argument("--calls", type=int, default=2000, help="timed calls per row at 1 MB and below")
     args = parser.parse_args()
 
-    memcpy = {nbytes: memcpy_seconds(nbytes, args.seconds) for nbytes in SIZES}
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    with tempfile.TemporaryDirectory(prefix="nxd-bench-") as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [
-            context.Process(target=_worker, args=(rank, args.world_size, store, args.seconds, results))
-            for rank in range(args.world_size)
-        ]
-        for proc in procs:
-            proc.start()
-        timings = results.get()
-        for proc in procs:
-            proc.join()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")  # torchrun's environment: TCP store, as users launch
+    from neuronx_distributed import comm
 
-    print(f"all_reduce (sum, float32), {args.world_size} processes on {os.cpu_count()} cores; "
-          "GB/s = tensor bytes / time")
-    header = f"{'size':>8} | {'shm us':>9} | {'gloo us':>9} | {'shm/gloo':>8} | {'shm GB/s':>8} | {'gloo GB/s':>9} | {'memcpy GB/s':>11} | {'shm/memcpy':>10}"
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(list(range(world)))
+    gloo_group = dist.new_group(list(range(world)))
+    engines = comm.set_up(group)
+    if engines.shm is None:
+        raise SystemExit("the shared-memory engine does not serve this group (extension not built?)")
+    handle, name = engines.shm.handle, group.group_name
+    shm_op = torch.ops.nxd.shm_all_reduce_.default
+
+    rows = {}
+    for nbytes in SIZES:
+        n = calls_for(nbytes, args.calls)
+        tensor = torch.zeros(nbytes // 4)
+        paths = {
+            "engine": lambda: handle.all_reduce(to_dlpack(tensor), "sum"),
+            "op": lambda: shm_op(tensor, "sum", name),
+            "comm": lambda: comm.all_reduce(tensor, group=group),
+            "gloo": lambda: dist.all_reduce(tensor, group=gloo_group),
+        }
+        rows[nbytes] = {path: median_seconds(fn, n) for path, fn in paths.items()}
+        for path, fn in paths.items():
+            tensor.fill_(rank + 1)
+            fn()
+            if not torch.all(tensor == world * (world + 1) // 2):
+                raise RuntimeError(f"{path} gave a wrong sum at {nbytes} bytes")
+        if rank == 0:
+            src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
+            rows[nbytes]["memcpy"] = median_seconds(lambda: dst.copy_(src), n)
+        dist.barrier(group=gloo_group)
+    if rank == 0:
+        _print(rows, world)
+    dist.destroy_process_group()
+
+
+def _print(rows: dict, world: int) -> None:
+    print(f"all_reduce (sum, float32), {world} processes under torchrun on {os.cpu_count()} cores; "
+          "median us per call; GB/s = tensor bytes / time")
+    header = (f"{'size':>6} | {'engine':>8} | {'op':>8} | {'comm':>8} | {'gloo':>9} | {'comm/engine':>11} | "
+              f"{'gloo/comm':>9} | {'comm GB/s':>9} | {'memcpy GB/s':>11} | {'comm/memcpy':>11}")
     print(header)
     print("-" * len(header))
-    for nbytes in SIZES:
-        shm, gloo, copy = timings["shm", nbytes], timings["torch", nbytes], memcpy[nbytes]
-        print(
-            f"{_size(nbytes):>8} | {shm * 1e6:9.1f} | {gloo * 1e6:9.1f} | {gloo / shm:7.1f}x | "
-            f"{nbytes / shm / 1e9:8.2f} | {nbytes / gloo / 1e9:9.2f} | {nbytes / copy / 1e9:11.2f} | "
-            f"{copy / shm * 100:9.0f}%"
-        )
+    for nbytes, row in rows.items():
+        engine, op, via_comm, gloo, copy = (row[k] for k in ("engine", "op", "comm", "gloo", "memcpy"))
+        print(f"{_size(nbytes):>6} | {engine * 1e6:8.1f} | {op * 1e6:8.1f} | {via_comm * 1e6:8.1f} | {gloo * 1e6:9.1f} | "
+              f"{via_comm / engine:10.2f}x | {gloo / via_comm:8.1f}x | {nbytes / via_comm / 1e9:9.2f} | "
+              f"{nbytes / copy / 1e9:11.2f} | {copy / via_comm * 100:10.0f}%")
 
 
 def _size(nbytes: int) -> str:
