@@ -226,12 +226,10 @@ def test_clip_grad_norm_types(pools, norm_type, max_norm):
 
 def _case_torch_sees_the_same_collectives(case_name):
     """PyTorch's own CommDebugMode, on the torch engine, counts what our log counts."""
-    import os
-
     from torch.distributed.tensor.debug import CommDebugMode
 
     case = CASES[case_name]
-    os.environ[comm.BACKEND_ENV] = "torch"
+    comm.set_backend("torch")
     try:
         torch.manual_seed(0)
         model = case.build(parallel=True)
@@ -241,7 +239,7 @@ def _case_torch_sees_the_same_collectives(case_name):
         with CommDebugMode() as backward_mode:
             out.sum().backward()
     finally:
-        del os.environ[comm.BACKEND_ENV]
+        comm.set_backend("auto")
     names = {"c10d.allreduce_": "all_reduce", "c10d._allgather_base_": "all_gather"}
 
     def counts(mode):
