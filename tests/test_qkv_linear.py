@@ -18,6 +18,7 @@ from neuronx_distributed import parallel_state
 from neuronx_distributed.errors import CheckpointCorruptError, LayerConfigError, ReshardError
 from neuronx_distributed.parallel_layers import checkpoint_tools, clip_grad_norm, load, save
 from neuronx_distributed.modules.qkv_linear import GQAQKVColumnParallelLinear, ReplicatedKVColumnParallelLinear
+from neuronx_distributed.optimizer import NeuronZero1Optimizer
 
 HIDDEN, SEQ, BATCH, LR, MAX_NORM = 8, 4, 2, 0.1, 0.05
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -105,6 +106,32 @@ def kv_projection_matches_linear(num_heads: int, head_dim: int, multiplier: int,
         torch.testing.assert_close(layer(x), reference(x_ref)[..., local], **TOL)
 
 
+def kv_projection_under_zero1(seed: int):
+    """ZeRO-1's grad_norm counts each replicated head once, and its step equals the unsharded one."""
+    rank, world = _tp()
+    dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_size()
+    heads, head_dim, multiplier = 1, 3, world  # one KV head, a copy on every TP rank
+    torch.manual_seed(seed)
+    reference = nn.Linear(HIDDEN, heads * head_dim)
+    torch.manual_seed(seed)
+    layer = ReplicatedKVColumnParallelLinear(HIDDEN, heads, head_dim, kv_size_multiplier=multiplier)
+    optimizer = NeuronZero1Optimizer(layer.parameters(), torch.optim.SGD, lr=LR, max_norm=MAX_NORM)
+    local = _rows(_local_heads(heads, multiplier, rank, world), head_dim)
+    stored = _rows(_replicated_heads(heads, multiplier), head_dim)
+    for replica in range(dp):  # the unsharded model sees every replica's batch, averaged
+        cotangent = _cotangent(seed + replica, len(stored))
+        ((reference(_input(seed + replica))[..., stored] * cotangent).sum() / dp).backward()
+    cotangent = _cotangent(seed + dp_rank, len(stored))[..., rank * len(local):(rank + 1) * len(local)]
+    (layer(_input(seed + dp_rank)) * cotangent).sum().backward()
+    optimizer.step()
+    expected = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), MAX_NORM)
+    assert expected > MAX_NORM  # the clipping branch runs
+    torch.testing.assert_close(optimizer.grad_norm, expected, **TOL)
+    _sgd(reference.parameters())
+    torch.testing.assert_close(layer.weight.detach(), reference.weight.detach()[local], **TOL)
+    torch.testing.assert_close(layer.bias.detach(), reference.bias.detach()[local], **TOL)
+
+
 def kv_projection_from_linear(num_heads: int, head_dim: int, multiplier: int):
     rank, world = _tp()
     linear = nn.Linear(HIDDEN, num_heads * head_dim)
@@ -131,6 +158,10 @@ def gqa_refused(output_sizes, **kwargs) -> str:
 
 # (TP size, KV heads, multiplier): every multiplier that fits 2 KV heads at TP 1, 2 and 4.
 KV_CASES = [(1, 2, 1), (1, 2, 2), (2, 2, 1), (2, 2, 2), (4, 2, 2), (4, 2, 4), (4, 4, 1)]
+
+
+def test_replicated_kv_projection_under_zero1(pools):
+    pools.run(4, 2, kv_projection_under_zero1, seed=5)
 
 
 @pytest.mark.parametrize("tp, heads, multiplier", KV_CASES)

@@ -204,12 +204,18 @@ def test_zero1_bf16_params_keep_fp32_masters(pools, world_size, tp):
     pools.run(world_size, tp, _case_bf16_fp32_master)
 
 
-def _train(model, opt, steps):
+def _train(model, opt, steps, scheduler=None):
     for step in steps:
         x, y = _data(step)
         opt.zero_grad()
         _loss(model, _local_batch(x), _local_batch(y)).backward()
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _halving(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
 
 
 def _case_state_dict_round_trip(dtype_name: str):
@@ -217,11 +223,13 @@ def _case_state_dict_round_trip(dtype_name: str):
     _, model = _models(dtype)
     make = lambda m: NeuronZero1Optimizer(m.parameters(), torch.optim.AdamW, optimizer_dtype=torch.float32, lr=1e-3)  # noqa: E731
     opt = make(model)
-    _train(model, opt, range(3))
+    scheduler = _halving(opt)  # the state dict must hold the learning rate the scheduler set after the last step
+    _train(model, opt, range(3), scheduler)
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
+    scheduler_state = scheduler.state_dict()
     saved_params = {name: p.detach().clone() for name, p in model.named_parameters()}
-    _train(model, opt, range(3, 6))
+    _train(model, opt, range(3, 6), scheduler)
 
     _, resumed = _models(dtype)
     with torch.no_grad():
@@ -231,7 +239,9 @@ def _case_state_dict_round_trip(dtype_name: str):
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
     resumed_opt.load_state_dict(loaded)
-    _train(resumed, resumed_opt, range(3, 6))
+    resumed_scheduler = _halving(resumed_opt)
+    resumed_scheduler.load_state_dict(scheduler_state)
+    _train(resumed, resumed_opt, range(3, 6), resumed_scheduler)
     for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
 

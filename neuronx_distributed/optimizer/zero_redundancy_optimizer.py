@@ -24,6 +24,7 @@ from .. import comm
 from ..errors import NeuronxDistributedError, OptimizerConfigError, OptimizerStateError
 from ..parallel_layers import parallel_state
 from ..parallel_layers.grads import buckets
+from ..parallel_layers.resharding import partition_parts, replica_pieces
 from ..parallel_layers.utils import is_tensor_parallel
 
 DEFAULT_BUCKET_CAP_MB = 25
@@ -39,6 +40,9 @@ class _Shard:
     chunk: int
     start: int  # where this rank's chunk begins in the flattened parameter
     aliases_param: bool  # the master is a view of the parameter's own memory (same dtype, no padding)
+    # Per element of the chunk, 1/copies where the TP group holds several copies of a row (replicated KV
+    # heads, resharding.Part), so the norm counts each row once; None where every row is held once.
+    norm_weights: torch.Tensor | None = None
 
     @property
     def owned(self) -> int:
@@ -230,7 +234,8 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
                 master = param.detach().view(-1)[start : start + chunk]
             else:
                 master = torch.zeros(chunk, dtype=self.optimizer_dtype, device=param.device)
-            shard = _Shard(param, torch.nn.Parameter(master, requires_grad=param.requires_grad), chunk, start, aliases)
+            shard = _Shard(param, torch.nn.Parameter(master, requires_grad=param.requires_grad), chunk, start, aliases,
+                           _norm_weights(param, start, chunk))
             if not aliases:
                 shard.master.data[: shard.owned] = _owned_slice(shard).to(self.optimizer_dtype)
             shards.append(shard)
@@ -262,8 +267,7 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, inner_group in zip(self.param_groups, self.base_optimizer.param_groups):
-            inner_group.update(_hyperparameters(group))
+        self._push_hyperparameters()
         shards = self._all_shards()
         for shard in shards:
             _adopt_parameter_changes(shard)
@@ -317,7 +321,8 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
         total = torch.zeros(1, dtype=torch.float32, device=device)
         for shard in shards:
             if is_tensor_parallel(shard.param) or counts_replicated:
-                total += shard.master.grad.detach().float().pow(2).sum()
+                squares = shard.master.grad.detach().float().pow(2)
+                total += (squares if shard.norm_weights is None else squares * shard.norm_weights).sum()
         comm.all_reduce(total, op="sum", group=self._sharding_group)
         comm.all_reduce(total, op="sum", group=self._grad_norm_group)
         return total[0].sqrt()
@@ -346,6 +351,7 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
         """
         if not self.inited:
             raise OptimizerConfigError("this optimizer was built with lazy_init=True; call init_zero() first.")
+        self._push_hyperparameters()  # a scheduler may have changed the wrapper's groups since the last step
         inner = self.base_optimizer.state_dict()
         return {
             "format": _STATE_FORMAT,
@@ -354,6 +360,11 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
             "master_weights": [s.master.detach().clone() for s in self._all_shards()],
             "sharding": self._sharding_layout(),
         }
+
+    def _push_hyperparameters(self) -> None:
+        """Give the wrapped optimizer's groups the wrapper's values (learning-rate schedulers change those)."""
+        for group, inner_group in zip(self.param_groups, self.base_optimizer.param_groups):
+            inner_group.update(_hyperparameters(group))
 
     def _sharding_layout(self) -> dict:
         return {
@@ -425,6 +436,21 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
         from .checkpoint import load_optimizer_state
 
         load_optimizer_state(self, output_dir, num_workers_per_step)
+
+
+def _norm_weights(param: torch.Tensor, start: int, chunk: int) -> torch.Tensor | None:
+    """The `norm_weights` of the chunk of `param` that starts at flat index `start`."""
+    parts = partition_parts(param)
+    if parts is None or not is_tensor_parallel(param):
+        return None
+    dim = getattr(param, "partition_dim", 0)
+    weights = torch.cat(
+        [torch.full_like(piece, 1.0 / copies, dtype=torch.float32)
+         for piece, copies in replica_pieces(param.detach(), parts, param.num_partitions, dim)],
+        dim=dim,
+    ).reshape(-1)
+    mine = weights[start : start + chunk]
+    return torch.nn.functional.pad(mine, (0, chunk - mine.numel()))  # the chunk's padding counts nothing
 
 
 def _hyperparameters(group: dict) -> dict:

@@ -265,27 +265,10 @@ def _rank_writes(model, optimizer, optimizer_kind, placement) -> tuple[dict, dic
         state = model if isinstance(model, dict) else _state_dict_of(model, "model")
         writes[MODEL_FOLDER] = _snapshot(state)
     if optimizer_kind == ZERO1:
-        writes[f"{OPTIM_FOLDER}/dp_rank_{dp_rank:02d}"] = {"optimizer": _snapshot(_zero1_state_dict(optimizer))}
+        writes[f"{OPTIM_FOLDER}/dp_rank_{dp_rank:02d}"] = {"optimizer": _snapshot(_state_dict_of(optimizer, "optimizer"))}
     elif optimizer_kind == PLAIN and dp_rank == 0:
         writes[OPTIM_FOLDER] = {"optimizer": _snapshot(_state_dict_of(optimizer, "optimizer"))}
     return writes, {}
-
-
-def _zero1_state_dict(optimizer) -> dict:
-    """A ZeRO-1 state dict whose group hyperparameters are the wrapper's current ones.
-
-    NeuronZero1Optimizer.state_dict() reports its inner optimizer's groups, which take
-    the wrapper's values only at the next step(): after a scheduler step their learning
-    rate is one step behind, and a resume from them would not be exact.
-    """
-    if isinstance(optimizer, dict):
-        return optimizer
-    state = optimizer.state_dict()
-    state["param_groups"] = [
-        {**saved, **{key: value for key, value in live.items() if key != "params"}}
-        for saved, live in zip(state["param_groups"], optimizer.param_groups)
-    ]
-    return state
 
 
 def _snapshot(tree, memo: dict | None = None):
