@@ -63,11 +63,14 @@ constexpr auto kPollPeriod = std::chrono::milliseconds(50);
 // are placement-constructed in the segment and never copied; ProcessIdentity, copied in and
 // out, is (see process_identity.hpp).
 //
-// Who writes what: the creator (group rank 0) writes magic..slot_bytes before any peer can
-// open the segment (peers learn its name only after create() returns, through the job's
-// store), and nobody writes them again. Every other field says its writers below.
+// Who writes what: the creator (group rank 0) writes layout_version..slot_bytes and constructs
+// every RankLine, and only then publishes `magic` (release); attach() reads `magic` first
+// (acquire) and refuses the segment until it is set, so a peer that opens the name early
+// (it exists from shm_open on) neither reads half-written fields nor has its own line's
+// `joined` zeroed by the creator's construction afterwards. Nobody writes them again. Every
+// other field says its writers below.
 struct SegmentHeader {
-  uint64_t magic;
+  std::atomic<uint64_t> magic;
   uint32_t layout_version;
   int32_t size;
   uint64_t slot_bytes;
@@ -189,14 +192,14 @@ std::unique_ptr<ShmGroup> ShmGroup::create(const GroupConfig& config) {
   const int size = static_cast<int>(config.global_ranks.size());
   SharedSegment segment = SharedSegment::create(config.segment, segment_bytes(size, config.slot_bytes));
   auto* header = new (segment.data()) SegmentHeader();
-  header->magic = kMagic;
   header->layout_version = kLayoutVersion;
   header->size = size;
   header->slot_bytes = config.slot_bytes;
-  // Relaxed: nobody else has the segment yet; shm_open by a peer comes after, across processes.
+  // Relaxed: published with the rest by the release store of `magic` below.
   header->aborted_by.store(-1, std::memory_order_relaxed);
   char* lines = static_cast<char*>(segment.data()) + lines_offset();
   for (int r = 0; r < size; ++r) new (lines + r * sizeof(RankLine)) RankLine();
+  header->magic.store(kMagic, std::memory_order_release);
   return std::unique_ptr<ShmGroup>(new ShmGroup(config, std::move(segment)));
 }
 
@@ -205,7 +208,8 @@ std::unique_ptr<ShmGroup> ShmGroup::attach(const GroupConfig& config) {
   SharedSegment segment = SharedSegment::open(config.segment);
   const int size = static_cast<int>(config.global_ranks.size());
   const auto* header = static_cast<const SegmentHeader*>(segment.data());
-  if (segment.size() < sizeof(SegmentHeader) || header->magic != kMagic ||
+  // Acquire, pairing with create(): a set magic means the header and every RankLine are complete.
+  if (segment.size() < sizeof(SegmentHeader) || header->magic.load(std::memory_order_acquire) != kMagic ||
       header->layout_version != kLayoutVersion || header->size != size ||
       segment.size() != segment_bytes(size, header->slot_bytes)) {
     throw SegmentError("shared-memory segment " + config.segment + " does not hold a group of " +
