@@ -24,6 +24,7 @@ from neuronx_distributed.parallel_layers.loss_functions import parallel_cross_en
 from neuronx_distributed.parallel_layers.mappings import gather_from_tensor_model_parallel_region
 from neuronx_distributed.errors import ParallelizePlanError
 from neuronx_distributed.parallel_layers import ParallelEmbedding, load, save
+from neuronx_distributed.parallel_layers.grads import allreduce_sequence_parallel_gradients
 from neuronx_distributed.parallel_layers.layers import BaseParallelLinear
 from neuronx_distributed.parallel_layers.weight_loading import get_weight_loader
 from neuronx_distributed.tp_plan import parallelize
@@ -220,3 +221,41 @@ def test_bad_plans_raise_on_every_rank_and_change_nothing(pools):
     assert "model.decoder.*.fc1" in messages[0]["entry naming nothing"]
     assert "lm_head.weight" in messages[0]["tie sharded one way only"]
     assert "'model.layers.0.mlp.up_proj.weight'" in messages[0]["entry naming a parameter"]
+
+
+def _sequence_parallel():
+    """Worker: Llama (GQA) with sequence parallelism vs the unmodified model; GPT-2 refused and unchanged."""
+    model_class, config, _ = _family("llama")
+    torch.manual_seed(0)
+    reference = model_class(config)
+    model = parallelize(copy.deepcopy(reference), sequence_parallel=True)
+    layers = [m for m in model.modules() if isinstance(m, BaseParallelLinear)]
+    assert len(layers) == 2 * 7 + 1
+    gathering = [name for name, m in model.named_modules() if getattr(m, "sequence_parallel_enabled", False)]
+    assert len(gathering) == 2 * 4 + 1 and "lm_head" in gathering  # o_proj, gate/up/down_proj per layer
+    ids, labels = _batch()
+    expected = reference(input_ids=ids, labels=labels)
+    actual = model(input_ids=ids, labels=labels)
+    torch.testing.assert_close(actual.logits, expected.logits, **TOL)
+    torch.testing.assert_close(actual.loss, expected.loss, **TOL)
+    expected.loss.backward()
+    actual.loss.backward()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.1) for m in (reference, model)]
+    allreduce_sequence_parallel_gradients(optimizers[1])  # the norms saw this rank's chunk of the sequence
+    _check_against(model, reference, "grad")
+    for optimizer in optimizers:
+        optimizer.step()
+    _check_against(model, reference, "value")
+
+    gpt2_class, gpt2_config, _ = _family("gpt2")
+    gpt2 = gpt2_class(gpt2_config)
+    before = {name: tensor.clone() for name, tensor in gpt2.state_dict().items()}
+    with pytest.raises(ParallelizePlanError, match="sequence_parallel=True supports Llama-style"):
+        parallelize(gpt2, sequence_parallel=True)
+    assert not any(isinstance(m, BaseParallelLinear) for m in gpt2.modules())
+    for name, tensor in gpt2.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_sequence_parallel_llama_matches_unsharded_and_gpt2_is_refused(pools):
+    pools.run(2, 2, _sequence_parallel)

@@ -55,19 +55,26 @@ from ..parallel_layers import parallel_state
 from .build import Shards, build, materialize
 from .checks import Swap, attention_updates, check_ties, parameter_layouts
 from .conv1d import ColumnParallelConv1D, RowParallelConv1D
+from .sequence_parallel import apply_sequence_parallel, check_sequence_parallel
 from .plans import FALLBACK_PLANS, STYLES, model_plan, planned_modules
 
 __all__ = ["FALLBACK_PLANS", "STYLES", "ColumnParallelConv1D", "RowParallelConv1D", "model_plan", "parallelize"]
 
 
-def parallelize(model: nn.Module, plan: dict[str, str] | None = None, *, device=None) -> nn.Module:
+def parallelize(model: nn.Module, plan: dict[str, str] | None = None, *, device=None,
+                sequence_parallel: bool = False) -> nn.Module:
     """Make `model` tensor-parallel in place from `plan` (default: `model_plan(model)`); return it.
 
     `plan` replaces the model's plan (merge it yourself: `{**model.tp_plan, ...}`); its
     entries must each name a module. `device` is where a model built on the meta device
     is materialized (default: CPU). The layers use parallel_state's TP group. See the
-    module docstring for the styles.
+    module docstring for the styles. `sequence_parallel=True` (Llama-style causal LMs; see
+    `tp_plan.sequence_parallel`) also cuts the sequence between the decoder layers'
+    projections; the sequence length must then be a multiple of the TP size, and the norm
+    gradients need `grads.allreduce_sequence_parallel_gradients` before the optimizer step.
     """
+    if not isinstance(sequence_parallel, bool):
+        raise ParallelizePlanError(f"sequence_parallel is True or False, got {sequence_parallel!r}.")
     if not isinstance(model, nn.Module):
         raise ParallelizePlanError(f"parallelize takes a torch.nn.Module, got {type(model).__name__}.")
     try:
@@ -89,6 +96,8 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, *, device=
         if swap.style.kind != "replicate":
             swap.layouts = parameter_layouts(swap, world)
         swaps[name] = swap
+    if sequence_parallel:
+        base, gather_logits = check_sequence_parallel(model, swaps, world)
     check_ties(model, swaps)
     updates = attention_updates(swaps, model, world)
     # Everything checked: from here on the model changes.
@@ -100,6 +109,8 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, *, device=
     for parent_name, values in updates.items():
         for attribute, value in values.items():
             setattr(model.get_submodule(parent_name), attribute, value)
+    if sequence_parallel:
+        apply_sequence_parallel(model, base, gather_logits)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         materialize(model, device)
     return model

@@ -11,6 +11,7 @@ from ..parallel_layers.layers import ColumnParallelLinear, ParallelEmbedding, Ro
 from ..parallel_layers.utils import set_tensor_model_parallel_attributes
 from .checks import Swap
 from .conv1d import ColumnParallelConv1D, RowParallelConv1D
+from .sequence_parallel import SEQUENCE_DIMENSION
 
 
 class Shards:
@@ -42,10 +43,13 @@ class Shards:
 
 def build(swap: Swap, shards: Shards, group) -> nn.Module:
     style, module = swap.style, swap.module
+    sequence = dict(sequence_parallel_enabled=swap.sequence_parallel, sequence_dimension=SEQUENCE_DIMENSION)
     if swap.kv_multiplier > 1:
         layer = ReplicatedKVColumnParallelLinear.from_linear(
-            module, module.out_features // swap.head_dim, swap.head_dim, kv_size_multiplier=swap.kv_multiplier
+            module, module.out_features // swap.head_dim, swap.head_dim, kv_size_multiplier=swap.kv_multiplier,
+            sequence_parallel_enabled=swap.sequence_parallel,
         )
+        layer.sequence_dimension = SEQUENCE_DIMENSION  # from_linear takes no sequence_dimension
         return layer.train(module.training)
     if style.kind == "embedding":
         layer = ParallelEmbedding(
@@ -55,7 +59,7 @@ def build(swap: Swap, shards: Shards, group) -> nn.Module:
         )
     elif isinstance(module, nn.Linear):
         common = dict(bias=module.bias is not None, dtype=module.weight.dtype, device="meta",
-                      tensor_model_parallel_group=group)
+                      tensor_model_parallel_group=group, **sequence)
         if style.kind == "column":
             layer = ColumnParallelLinear(module.in_features, module.out_features, gather_output=style.gather_output,
                                          stride=style.blocks, **common)

@@ -16,7 +16,10 @@ _HEAD_COUNTS = ("num_heads", "num_attention_heads", "all_head_size", "split_size
 
 @dataclass
 class Swap:
-    """One planned module: its style and what its parameters become (`layouts`: name -> (dim, stride) or None)."""
+    """One planned module: its style and what its parameters become (`layouts`: name -> (dim, stride) or None).
+
+    `sequence_parallel`: the layer gathers (column) or reduce-scatters (row) the sequence.
+    """
 
     name: str
     entry: str
@@ -26,6 +29,7 @@ class Swap:
     layouts: dict = field(default_factory=dict)
     kv_multiplier: int = 1
     head_dim: int = 0
+    sequence_parallel: bool = False
 
 
 def _fail(swap: Swap, what: str) -> ParallelizePlanError:
