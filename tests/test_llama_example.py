@@ -3,7 +3,7 @@
 Builds the token stream from three standard-library packages' docstrings, then
 trains the tiny config (fp32, no dropout, same seed and global batch of 4
 sequences in 2 micro-steps) through the trainer API as TP=1 x DP=1, TP=1 x DP=2
-with ZeRO-1, and TP=2 x DP=1 (vocabulary-parallel loss); the TP=2 run stops
+with ZeRO-1, and TP=2 x DP=1 (vocabulary-parallel loss, sequence parallelism); the TP=2 run stops
 after 10 steps and resumes for 10 more with activation checkpointing on (the
 checkpoint loads into the wrapped model). Every step's loss must agree with the
 single process's within 1e-4 relative, and the loss must fall.
@@ -38,7 +38,7 @@ COMMON = [
 LAYOUTS = {  # name: (processes, TP, per-replica batch, options); every layout's global batch is 4 sequences
     "tp1_dp1": (1, 1, 2, []),
     "tp1_dp2": (2, 1, 1, ["--zero1"]),
-    "tp2_dp1": (2, 2, 2, []),
+    "tp2_dp1": (2, 2, 2, ["--sequence_parallel"]),
 }
 
 

@@ -43,14 +43,12 @@ class Shards:
 
 def build(swap: Swap, shards: Shards, group) -> nn.Module:
     style, module = swap.style, swap.module
-    sequence = dict(sequence_parallel_enabled=swap.sequence_parallel, sequence_dimension=SEQUENCE_DIMENSION)
-    if swap.kv_multiplier > 1:
+    if swap.kv_multiplier > 1:  # a key/value projection: never sequence-parallel (see tp_plan.sequence_parallel)
         layer = ReplicatedKVColumnParallelLinear.from_linear(
-            module, module.out_features // swap.head_dim, swap.head_dim, kv_size_multiplier=swap.kv_multiplier,
-            sequence_parallel_enabled=swap.sequence_parallel,
+            module, module.out_features // swap.head_dim, swap.head_dim, kv_size_multiplier=swap.kv_multiplier
         )
-        layer.sequence_dimension = SEQUENCE_DIMENSION  # from_linear takes no sequence_dimension
         return layer.train(module.training)
+    sequence = dict(sequence_parallel_enabled=swap.sequence_parallel, sequence_dimension=SEQUENCE_DIMENSION)
     if style.kind == "embedding":
         layer = ParallelEmbedding(
             module.num_embeddings, module.embedding_dim, module.padding_idx, module.max_norm, module.norm_type,

@@ -7,7 +7,8 @@ MLP's gate/up projections by output (heads, with KV heads replicated where TP
 exceeds their count), o_proj and down_proj by input. The lm_head, split by
 vocabulary, keeps its logits sharded (the plan's entry overridden), and the loss
 is `parallel_cross_entropy` of those shards: no rank ever holds full-vocabulary
-logits.
+logits. With sequence parallelism the residual stream and RMSNorms between the
+projections hold only this rank's chunk of the sequence.
 
 Presets (`MODEL_CONFIGS`): `tiny` for tests, and the shapes of Llama 3.2 1B and
 Llama 3 8B (widths, depths, heads, RoPE theta). The vocabulary is the tokenizer's
@@ -67,10 +68,14 @@ def build_llama(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def build_parallel_llama(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
-    """`build_llama(config, seed)` sharded in place from its own tp_plan, the lm_head's logits left vocabulary-sharded."""
+def build_parallel_llama(config: LlamaConfig, seed: int, sequence_parallel: bool = False) -> LlamaForCausalLM:
+    """`build_llama(config, seed)` sharded in place from its own tp_plan, the lm_head's logits left vocabulary-sharded.
+
+    `sequence_parallel`: the decoder layers' norms and residuals run on this rank's chunk of the
+    sequence (`parallelize(..., sequence_parallel=True)`); the lm_head gathers it back.
+    """
     model = build_llama(config, seed)
-    return parallelize(model, {**model.tp_plan, "lm_head": "colwise"})
+    return parallelize(model, {**model.tp_plan, "lm_head": "colwise"}, sequence_parallel=sequence_parallel)
 
 
 def causal_lm_loss_sum(model: LlamaForCausalLM, samples: torch.Tensor) -> torch.Tensor:

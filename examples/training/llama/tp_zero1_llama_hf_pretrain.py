@@ -28,8 +28,10 @@ reduce-scatters them and steps 1/DP of the state) and `save_checkpoint` /
 `load_checkpoint`. The loss of a micro-batch is its summed token losses divided by
 the number of tokens in the global batch; AdamW runs with a linear warm-up and
 decay. With the same seed and global batch every TP x DP layout computes the same
-losses (there is no dropout). Sequence parallelism is not offered: `parallelize`
-has no sequence-parallel mode for Hugging Face models.
+losses (there is no dropout). --sequence_parallel (TP > 1) cuts the sequence
+between the decoder layers' projections (`parallelize(..., sequence_parallel=True)`,
+`sequence_parallel=True` in the config so the optimizer sums the norms' gradients
+over TP); --seq_len must then be a multiple of --tensor_parallel_size.
 
 Writes to --output_dir: metrics.csv (one row per optimizer step; on resume the
 rows after the checkpoint are dropped), loss.png (this run, plus any
@@ -96,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=12349)
     parser.add_argument("--activation_checkpointing", action="store_true",
                         help="Recompute each decoder layer's activations in backward instead of keeping them.")
+    parser.add_argument("--sequence_parallel", action="store_true",
+                        help="Megatron-style sequence parallelism in the decoder layers (needs --tensor_parallel_size > 1).")
     parser.add_argument("--zero1", "--use_zero_1", dest="zero1", action="store_true",
                         help="ZeRO-1: each data-parallel rank keeps 1/DP of AdamW's state (NeuronZero1Optimizer).")
     parser.add_argument("--checkpoint_every", "--checkpoint_freq", dest="checkpoint_every", type=int, default=0,
@@ -113,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("tensor_parallel_size", "seq_len", "batch_size", "grad_accum_usteps", "steps_this_run", "max_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1.")
+    if args.sequence_parallel and (args.tensor_parallel_size == 1 or args.seq_len % args.tensor_parallel_size):
+        parser.error("--sequence_parallel needs --tensor_parallel_size > 1 dividing --seq_len.")
     if args.warmup_steps < 0 or args.checkpoint_every < 0:
         parser.error("--warmup_steps and --checkpoint_every must not be negative.")
     if args.num_kept_checkpoint < 1 and args.num_kept_checkpoint != -1:
@@ -169,6 +175,7 @@ def main(argv=None) -> None:
         optimizer_config={"zero_one_enabled": args.zero1, "grad_clipping": True, "max_grad_norm": MAX_GRAD_NORM},
         # "full": every layer class in the model's _no_split_modules (LlamaDecoderLayer).
         activation_checkpoint_config="full" if args.activation_checkpointing else None,
+        sequence_parallel=args.sequence_parallel,
     )
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tensor_parallel_size)
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -181,7 +188,7 @@ def main(argv=None) -> None:
 
     data = TokenSequences(args.data_dir, args.seq_len, args.seed)
     config = llama_config(args.model_config, data.vocab_size, args.seq_len, args.num_layers)
-    model = initialize_parallel_model(nxd_config, build_parallel_llama, False, config, args.seed)
+    model = initialize_parallel_model(nxd_config, build_parallel_llama, False, config, args.seed, args.sequence_parallel)
     optimizer, scheduler = build_optimizer(nxd_config, model, args)
 
     step, consumed = 0, 0
@@ -192,7 +199,7 @@ def main(argv=None) -> None:
     param_bytes = parameter_bytes(model)
     global_batch = args.batch_size * args.grad_accum_usteps * dp_size
     global_tokens = global_batch * args.seq_len
-    label = f"TP={args.tensor_parallel_size} x DP={dp_size}" + " ZeRO-1" * args.zero1 + " AC" * args.activation_checkpointing
+    label = f"TP={args.tensor_parallel_size} x DP={dp_size}" + " SP" * args.sequence_parallel + " ZeRO-1" * args.zero1 + " AC" * args.activation_checkpointing
     metrics = MetricsFile(os.path.join(output_dir, "metrics.csv"), resume_step=step) if rank == 0 else None
     if rank == 0:
         config.save_pretrained(output_dir)  # config.json: with a merged checkpoint, a Hugging Face model folder
