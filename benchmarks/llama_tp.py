@@ -13,7 +13,9 @@ LlamaForCausalLM from one seed, on the same 2 processes over gloo, in one run:
     each, gradients averaged with parallel_layers.all_reduce_gradients.
   - nxd TP=2: `neuronx_distributed.tp_plan.parallelize` of the model's own tp_plan
     with the lm_head's logits kept vocabulary-sharded, loss by parallel_cross_entropy
-    (the Llama example's model and loss); "+ AC" wraps every decoder layer with
+    (the Llama example's model and loss); "+ SP" is `parallelize(...,
+    sequence_parallel=True)` with the norms' gradients summed by
+    grads.allreduce_sequence_parallel_gradients; "+ AC" wraps every decoder layer with
     utils.activation_checkpoint.apply_activation_checkpointing.
   - torch TP=2: torch.distributed.tensor.parallel.parallelize_module of the same
     HF model with ColwiseParallel / RowwiseParallel on the same modules (the
@@ -23,10 +25,6 @@ LlamaForCausalLM from one seed, on the same 2 processes over gloo, in one run:
     RowwiseParallel(output_layouts=Shard(1)), the embedding's output Shard(1)) and
     reduces the norms' Partial gradients; "+ AC" is torch's apply_activation_checkpointing
     (non-reentrant checkpoint_wrapper) on every decoder layer.
-
-Our `parallelize` has no sequence-parallel option for Hugging Face models (their
-activations are [batch, seq, hidden] and the plan has no SP entries), so there is no
-nxd SP row.
 
 A step is forward, loss (mean next-token cross entropy over the global batch),
 backward, gradient reduction and AdamW; tokens/s is the global batch's tokens over
@@ -54,6 +52,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from neuronx_distributed.parallel_layers import all_reduce_gradients, parallel_state
+from neuronx_distributed.parallel_layers.grads import allreduce_sequence_parallel_gradients
 from neuronx_distributed.utils.activation_checkpoint import apply_activation_checkpointing
 from sequence_parallel import _local  # the benchmark beside this one: a DTensor's or collective's local tensor
 
@@ -105,14 +104,15 @@ def decoder_layers(model):
     return [module for module in model.modules() if isinstance(module, LlamaDecoderLayer)]
 
 
-def nxd_variant(config, tp: int, activation_checkpointing: bool):
-    """(model, loss function, gradient reduction) of our layout."""
+def nxd_variant(config, tp: int, sequence_parallel: bool, activation_checkpointing: bool):
+    """(model, loss function, gradient reduction given the optimizer) of our layout."""
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    model = build_parallel_llama(config, SEED)
+    model = build_parallel_llama(config, SEED, sequence_parallel)
     if activation_checkpointing:
         apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, LlamaDecoderLayer))
-    reduce = (lambda: all_reduce_gradients(model.parameters())) if tp == 1 else (lambda: None)
-    return model, causal_lm_loss_sum, reduce
+    if tp == 1:
+        return model, causal_lm_loss_sum, lambda optimizer: all_reduce_gradients(model.parameters())
+    return model, causal_lm_loss_sum, allreduce_sequence_parallel_gradients  # a no-op without SP-marked parameters
 
 
 def torch_plan(sequence_parallel: bool) -> dict:
@@ -176,7 +176,7 @@ def torch_variant(config, sequence_parallel: bool, activation_checkpointing: boo
             check_fn=lambda module: isinstance(module, LlamaDecoderLayer),
         )
 
-    def reduce():  # the SP norms' gradients are Partial sums: make them whole, as our SP all-reduce does
+    def reduce(optimizer):  # the SP norms' gradients are Partial sums: make them whole, as our SP all-reduce does
         for param in model.parameters():
             if isinstance(param.grad, DTensor) and any(isinstance(p, Partial) for p in param.grad.placements):
                 param.grad = param.grad.redistribute(placements=[Replicate()])
@@ -202,7 +202,7 @@ def run_variant(name: str, library: str, tp: int, sequence_parallel: bool, activ
     if dp > 1:  # this replica's share of the global batch
         samples = samples.chunk(dp)[dist.get_rank() // tp]
     if library == "nxd":
-        model, loss_sum, reduce = nxd_variant(config, tp, activation_checkpointing)
+        model, loss_sum, reduce = nxd_variant(config, tp, sequence_parallel, activation_checkpointing)
     else:
         model, loss_sum, reduce = torch_variant(config, sequence_parallel, activation_checkpointing, mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -215,7 +215,7 @@ def run_variant(name: str, library: str, tp: int, sequence_parallel: bool, activ
         if saved:
             saved.close()
         backward(loss * dp, library)  # all_reduce_gradients averages over DP; the loss is the replicas' sum
-        reduce()
+        reduce(optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss = _local(loss.detach()).clone()
@@ -247,6 +247,7 @@ VARIANTS = (  # (name, library, TP, sequence parallel, activation checkpointing)
     ("TP=1 x DP=2", "nxd", 1, False, False),
     ("TP=2", "nxd", 2, False, False),
     ("TP=2 + AC", "nxd", 2, False, True),
+    ("TP=2 + SP + AC", "nxd", 2, True, True),
     ("TP=2", "torch", 2, False, False),
     ("TP=2 + AC", "torch", 2, False, True),
     ("TP=2 + SP + AC", "torch", 2, True, True),
