@@ -69,8 +69,7 @@ from neuronx_distributed.trainer import (
 )
 from neuronx_distributed.utils import get_device
 
-# The BERT tutorial's metrics file and loss plot.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tp_dp_bert_hf_pretrain"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the examples' shared metrics file and loss plot
 from training_metrics import MetricsFile, plot_losses  # noqa: E402
 
 MAX_GRAD_NORM = 1.0
@@ -240,7 +239,7 @@ def main(argv=None) -> None:
         metrics.close()
         labels = [label] + [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.compare_with]
         plot = plot_losses([metrics.path, *args.compare_with], os.path.join(output_dir, "loss.png"), labels,
-                           title=f"Llama-{args.model_config} pretraining loss")
+                           title=f"Llama-{args.model_config} pretraining loss", loss_label="loss (next-token cross-entropy)")
         print(f"metrics: {metrics.path}\nloss plot: {plot}", flush=True)
         if has_checkpoint(checkpoint_dir):
             print(f"checkpoints: {checkpoint_dir}", flush=True)

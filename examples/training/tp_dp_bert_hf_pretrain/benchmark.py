@@ -17,9 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training_metrics import read_metrics
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the examples' shared metrics file
+from training_metrics import read_metrics  # noqa: E402
 LAYOUTS = (("TP=1", 1, 1), ("TP=2", 2, 2), ("TP=1 x DP=2", 2, 1))  # (name, processes, TP degree)
 
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -39,7 +41,9 @@ from neuronx_distributed.parallel_layers import all_reduce_gradients, clip_grad_
 from neuronx_distributed.parallel_layers.random import model_parallel_manual_seed
 from parallel_bert import MODEL_CONFIGS, bert_config, build_parallel_bert, parameter_bytes
 from pretraining_data import PretrainingDataError, create_pretraining_dataloader, training_shards
-from training_metrics import MetricsFile, plot_losses
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the examples' shared metrics file and loss plot
+from training_metrics import MetricsFile, plot_losses  # noqa: E402
 
 MAX_GRAD_NORM = 1.0
 NO_WEIGHT_DECAY = ("bias", "LayerNorm")
@@ -285,7 +289,8 @@ def main(argv=None) -> None:
 
     if rank == 0:
         metrics.close()
-        plot = plot_losses([metrics.path], os.path.join(output_dir, "loss.png"), [f"TP={args.tensor_parallel_degree} x DP={dp_size}"])
+        plot = plot_losses([metrics.path], os.path.join(output_dir, "loss.png"), [f"TP={args.tensor_parallel_degree} x DP={dp_size}"],
+                           title="BERT pretraining loss", loss_label="loss (masked LM + next sentence)")
         print(f"metrics: {metrics.path}\nloss plot: {plot}", flush=True)
         if has_checkpoint(checkpoint_dir):
             print(f"checkpoint: {checkpoint_dir}", flush=True)

@@ -1,8 +1,9 @@
 """Per-step training metrics in a CSV file, and the loss curves drawn from such files.
 
-    python training_metrics.py out_tp2/metrics.csv out_dp2/metrics.csv -o compare.png
+    python ../training_metrics.py out_tp2/metrics.csv out_dp2/metrics.csv -o compare.png
 
 draws several runs on one figure (each labelled by its folder unless --labels says otherwise).
+Shared by the BERT and Llama training examples, which put this folder on `sys.path`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def read_metrics(path: str) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def plot_losses(csv_paths: list[str], output: str, labels: list[str] | None = None, title: str = "BERT pretraining loss") -> str:
+def plot_losses(csv_paths: list[str], output: str, labels: list[str] | None = None, title: str = "pretraining loss",
+                loss_label: str = "loss") -> str:
     """Draw the loss per step of every run in `csv_paths` on one figure, saved at `output`."""
     import matplotlib
 
@@ -59,7 +61,7 @@ def plot_losses(csv_paths: list[str], output: str, labels: list[str] | None = No
             raise FileNotFoundError(f"{path} is missing or has no rows; train first (it is written to --output_dir).")
         axes.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], label=label, linewidth=1.5)
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss (masked LM + next sentence)")
+    axes.set_ylabel(loss_label)
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
@@ -74,10 +76,11 @@ def main(argv=None) -> None:
     parser.add_argument("metrics", nargs="+", help="metrics.csv files written by the training script")
     parser.add_argument("-o", "--output", default="loss.png")
     parser.add_argument("--labels", nargs="+", help="one label per metrics file")
+    parser.add_argument("--title", default="pretraining loss")
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.metrics):
         parser.error(f"got {len(args.labels)} --labels for {len(args.metrics)} metrics files; pass one per file.")
-    print(plot_losses(args.metrics, args.output, args.labels))
+    print(plot_losses(args.metrics, args.output, args.labels, title=args.title))
 
 
 if __name__ == "__main__":
