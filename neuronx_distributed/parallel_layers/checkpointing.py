@@ -71,6 +71,7 @@ from .resharding import (
 from .sharded_source import ShardedSource, Target
 from .state_tree import TensorRef, decode, flatten
 from .unsharded import open_unsharded
+from .layouts import Layout, model_layouts
 from .utils import tensor_model_parallel_attributes
 from .weight_loading import get_checkpoint_parts, get_weight_loader
 
@@ -173,9 +174,9 @@ def _optimizer_param_keys(optimizer_state: dict, model: dict) -> dict:
     return {index: keys[index] for g in groups for index in g["params"] if isinstance(index, int) and 0 <= index < len(keys)}
 
 
-def _sharded_layout(attributes: dict) -> tuple:
+def _sharded_layout(layout: Layout) -> tuple:
     """(layout, partition_dim, stride, parts) of a sharded tensor; parts only where a stride cannot say it."""
-    dim, stride, parts = attributes["partition_dim"], attributes["partition_stride"], attributes.get("partition_parts")
+    dim, stride, parts = layout.partition_dim, layout.stride, layout.parts
     if parts is None:
         return fmt.SHARDED, dim, stride, None
     if not replicated(parts) and len({part.size for part in parts}) == 1:
@@ -183,22 +184,54 @@ def _sharded_layout(attributes: dict) -> tuple:
     return fmt.SHARDED, dim, 1, [asdict(part) for part in parts]
 
 
-def _layouts(state, model_key: str | None) -> dict[int, tuple]:
-    """id(tensor) -> (layout, partition_dim, stride, parts) for every tensor whose layout is not `replicated`."""
-    model = _model_state(state, model_key)
+def _declared_layouts(model_state: dict, model: nn.Module | None) -> dict[str, Layout]:
+    """Model state-dict key -> layout: as `model`'s layers declare them, else as the tensors' attributes say.
+
+    With `model`, the state's model dict must have the model's keys, and each sharded
+    entry the shape of the model's shard (a copy or cast of `model.state_dict()`).
+    """
     if model is None:
+        return {key: layout for key, value in model_state.items()
+                if isinstance(value, torch.Tensor) and (layout := Layout.of(value)) is not None}
+    own = model.state_dict(keep_vars=True)
+    layouts = model_layouts(model)
+    unknown = sorted(set(model_state) - set(own))
+    if unknown:
+        raise CheckpointArgumentError(
+            f"the state's model dict has keys {unknown[:10]} that the model passed as model= does not have; pass the "
+            "model whose state dict (or a copy or cast of it) is saved."
+        )
+    for key, value in model_state.items():
+        layout = layouts.get(key)
+        if layout is not None and layout.sharded and isinstance(value, torch.Tensor) and value.shape != own[key].shape:
+            raise CheckpointArgumentError(
+                f"'{key}' has shape {tuple(value.shape)} in the state but the model's shard has "
+                f"{tuple(own[key].shape)}; save this rank's shards (model.state_dict(), or a copy or cast of it)."
+            )
+    return layouts
+
+
+def _layouts(state, model_key: str | None, model: nn.Module | None = None) -> dict[int, tuple]:
+    """id(tensor) -> (layout, partition_dim, stride, parts) for every tensor whose layout is not `replicated`."""
+    model_state = _model_state(state, model_key)
+    if model_state is None:
+        if model is not None:
+            raise CheckpointArgumentError(
+                f"save(..., model=...) found no model state dict in the state (under model_key {model_key!r}, or the "
+                "state itself as a dict of tensors); pass the model_key it is saved under."
+            )
         return {}
+    declared = _declared_layouts(model_state, model)
     layouts = {}
-    for value in model.values():
-        if isinstance(value, torch.Tensor):
-            attributes = tensor_model_parallel_attributes(value)
-            if attributes.get("tensor_model_parallel"):
-                layouts[id(value)] = _sharded_layout(attributes)
+    for key, value in model_state.items():
+        layout = declared.get(key)
+        if isinstance(value, torch.Tensor) and layout is not None and layout.sharded:
+            layouts[id(value)] = _sharded_layout(layout)
     for optimizer_state in _optimizer_states(state):
-        param_keys = _optimizer_param_keys(optimizer_state, model)
+        param_keys = _optimizer_param_keys(optimizer_state, model_state)
         matched, found = {}, True
         for index, per_param in optimizer_state["state"].items():
-            param = model.get(param_keys.get(index))
+            param = model_state.get(param_keys.get(index))
             for value in per_param.values() if isinstance(per_param, dict) else ():
                 if not isinstance(value, torch.Tensor) or value.dim() == 0:
                     continue
@@ -243,7 +276,7 @@ def _model_tensor_names(flat, state, model_key: str | None) -> set[str]:
     return {name for name, tensor in flat.tensors.items() if id(tensor) in ids}
 
 
-def _write_rank_shard(state, save_dir: str, model_key, placement: _Placement, save_id: str):
+def _write_rank_shard(state, save_dir: str, model_key, placement: _Placement, save_id: str, model: nn.Module | None = None):
     """Write this rank's shard file; return (its file entry, tensor entries, model_key, fingerprints).
 
     The fingerprints (crc32) of the model tensors saved as replicated let TP rank 0
@@ -256,7 +289,7 @@ def _write_rank_shard(state, save_dir: str, model_key, placement: _Placement, sa
                 f"cannot save '{name}': a {tensor.layout} tensor of dtype {tensor.dtype}, which safetensors cannot hold "
                 f"(dense tensors of {sorted(fmt.SAFETENSORS_DTYPES)}); convert it before saving."
             )
-    layouts = _layouts(state, model_key)
+    layouts = _layouts(state, model_key, model)
     tensors = _storable(flat.tensors)
     model_names = _model_tensor_names(flat, state, model_key) if placement.tp_size > 1 else set()
     entries, fingerprints = {}, {}
@@ -352,7 +385,7 @@ def _lock_folder(save_dir: str) -> int:
         ) from None
 
 
-def save(state_dict, save_dir: str, model_key: str | None = "model") -> None:
+def save(state_dict, save_dir: str, model_key: str | None = "model", *, model: nn.Module | None = None) -> None:
     """Save `state_dict` as a sharded checkpoint at `save_dir`, replacing any checkpoint there atomically.
 
     Every rank calls it with its own state dict; DP rank 0 of each TP rank writes
@@ -370,6 +403,11 @@ def save(state_dict, save_dir: str, model_key: str | None = "model") -> None:
     on every TP rank (one crc32 each); a copied or cast state dict, whose shards
     lost their attributes, raises ReplicatedMismatchError instead of saving shards
     as if they were whole tensors.
+
+    `model`: the model whose state dict (or a copy or cast of it, such as
+    `{k: v.clone()}` or `.to(torch.bfloat16)` of each entry) is saved; the layouts
+    then come from what its layers declare (`layouts.model_layouts`) instead of the
+    tensors' attributes, which copies lose.
     """
     placement = _placement()
     lock, error = None, None
@@ -377,25 +415,27 @@ def save(state_dict, save_dir: str, model_key: str | None = "model") -> None:
         save_dir = os.fspath(save_dir)
         if model_key is not None and not isinstance(model_key, str):
             raise CheckpointArgumentError(f"model_key must be a string or None, got {type(model_key).__name__}.")
+        if model is not None and not isinstance(model, nn.Module):
+            raise CheckpointArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not placement.distributed or dist.get_rank() == 0:
             lock = _lock_folder(save_dir)
     except Exception as caught:  # reported to every rank below
         error = caught
     try:
         _agree(placement, error and _as_save_error(error, str(save_dir)), "starting the save")
-        _save_locked(state_dict, save_dir, model_key, placement)
+        _save_locked(state_dict, save_dir, model_key, placement, model)
     finally:
         if lock is not None:
             folder_lock.release(save_dir, fmt.SAVE_LOCK_NAME, lock)
 
 
-def _save_locked(state_dict, save_dir: str, model_key: str | None, placement: _Placement) -> None:
+def _save_locked(state_dict, save_dir: str, model_key: str | None, placement: _Placement, model: nn.Module | None) -> None:
     save_id = _broadcast_object(placement, uuid.uuid4().hex)
     writes = placement.dp_rank == 0
     error, report = None, None
     if writes:
         try:
-            report = _write_rank_shard(state_dict, save_dir, model_key, placement, save_id)
+            report = _write_rank_shard(state_dict, save_dir, model_key, placement, save_id, model)
         except Exception as caught:  # reported to every rank below
             error = _as_save_error(caught, save_dir)
     committed, failure = None, None

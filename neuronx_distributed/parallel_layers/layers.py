@@ -2,8 +2,9 @@
 
 Sharded parameters carry `tensor_model_parallel`, `partition_dim`, `partition_stride`
 and `num_partitions`; replicated ones carry `tensor_model_parallel=False`; so do the
-layers' `state_dict()` entries. Parameters whose gradient sequence parallelism leaves
-partial across the TP group carry `sequence_parallel_enabled=True` (see
+layers' `state_dict()` entries. Each layer also keeps its parameters' layouts as its own
+data (`parameter_layouts()`, see `layouts`), which checkpoints read. Parameters whose
+gradient sequence parallelism leaves partial across the TP group carry `sequence_parallel_enabled=True` (see
 `grads.allreduce_sequence_parallel_gradients`).
 
 Each layer takes its TP process group at construction as `tensor_model_parallel_group`
@@ -60,6 +61,7 @@ from ..errors import (
     RNGStateTrackerError,
 )
 from . import parallel_state
+from .layouts import DeclaresLayouts
 from .initialization import initialized_master, linear_bias_init, linear_weight_init, shard_of
 from .mappings import (
     copy_to_tensor_model_parallel_region,
@@ -82,8 +84,9 @@ from .utils import (
 from .weight_loading import set_weight_loader
 
 
-class _TensorParallelModule(nn.Module):
-    """A module whose `state_dict()` entries carry the TP attributes of its parameters."""
+class _TensorParallelModule(DeclaresLayouts, nn.Module):
+    """A module that declares each parameter's layout (`parameter_layouts()`), and whose `state_dict()`
+    entries carry the TP attributes of its parameters (the compatibility view)."""
 
     def __init__(self):
         super().__init__()
