@@ -179,7 +179,7 @@ class Row:
 
 
 def measure(variant: str, engine: str, label: str, args) -> Row:
-    os.environ[comm.BACKEND_ENV] = engine
+    comm.set_backend(engine)  # sets the groups up again on this engine (an environment variable would not)
     model = build_model(args)
     optimizer, step = make_step(variant, model)
     generator = torch.Generator().manual_seed(parallel_state.get_data_parallel_rank())
@@ -233,6 +233,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
+    if os.environ.get(comm.BACKEND_ENV, "").strip():
+        raise SystemExit(f"unset {comm.BACKEND_ENV}: it would override the engine each row names")
     dist.init_process_group("gloo")
     if dist.get_world_size() != 4:
         raise SystemExit("run with --nproc_per_node=4 (TP=2 x DP=2 and TP=1 x DP=4)")

@@ -25,6 +25,7 @@ from neuronx_distributed.optimizer import NeuronZero1Optimizer
 from neuronx_distributed.utils.adamw_fp32_optim_params import AdamW_FP32OptimParams
 
 HIDDEN, FFN, BATCH, STEPS, SEED = 8, 16, 8, 5, 1234
+PARAMETERS = 5  # in ScaledMLP: two weights, two biases, the scale
 TOL = dict(rtol=1e-5, atol=1e-5)
 ZERO1_TOPOLOGIES = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2)]
 OPTIMIZERS = {
@@ -76,10 +77,14 @@ def _check_shards(model, reference, **tol):
         torch.testing.assert_close(param.detach(), expected, **(tol or TOL), msg=lambda m, name=name: f"{name}: {m}")
 
 
-def _expected_step_collectives() -> Counter:
+def _expected_step_collectives(per_parameter_on_gloo: bool = False) -> Counter:
     dp_size, tp_size = parallel_state.get_data_parallel_size(), parallel_state.get_tensor_model_parallel_size()
     expected = Counter()
-    if dp_size > 1:
+    if dp_size > 1 and per_parameter_on_gloo:
+        # One presence mask, one norm sum over DP; a bucket per parameter, reduced by an in-place
+        # all-reduce of its gradient and gathered by a broadcast from each rank into it.
+        expected.update({"all_reduce": 2 + PARAMETERS, "broadcast": PARAMETERS * dp_size})
+    elif dp_size > 1:
         # One presence mask, one norm sum over DP; one bucket each way for all five fp32 parameters.
         expected.update({"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1})
     if tp_size > 1:
@@ -87,13 +92,24 @@ def _expected_step_collectives() -> Counter:
     return expected
 
 
-def _case_matches_unsharded(optimizer_name: str):
+def _case_matches_unsharded(optimizer_name: str, per_parameter_on_gloo: bool = False):
+    """`per_parameter_on_gloo`: collectives on gloo and a bucket per parameter (in-place reduction and gather)."""
+    if per_parameter_on_gloo:
+        comm.set_backend("torch")
+    try:
+        return _matches_unsharded(optimizer_name, per_parameter_on_gloo)
+    finally:
+        comm.set_backend("auto")
+
+
+def _matches_unsharded(optimizer_name: str, per_parameter_on_gloo: bool):
     optimizer_class, hyper = OPTIMIZERS[optimizer_name]
     reference, model = _models()
     _check_shards(model, reference, rtol=0, atol=0)
     max_norm = 0.5
     ref_opt = optimizer_class(reference.parameters(), **hyper)
-    opt = NeuronZero1Optimizer(model.parameters(), optimizer_class, max_norm=max_norm, **hyper)
+    caps = dict(bucket_cap_mb_reduce_scatter=1e-9, bucket_cap_mb_all_gather=1e-9) if per_parameter_on_gloo else {}
+    opt = NeuronZero1Optimizer(model.parameters(), optimizer_class, max_norm=max_norm, **caps, **hyper)
     schedule = lambda step: 1.0 / (1.0 + 0.5 * step)  # noqa: E731
     ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, schedule)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
@@ -111,7 +127,9 @@ def _case_matches_unsharded(optimizer_name: str):
         with comm.record_collectives() as log:
             opt.step()
         sched.step()
-        assert log.counts() == _expected_step_collectives(), log.counts()
+        assert log.counts() == _expected_step_collectives(per_parameter_on_gloo), log.counts()
+        if per_parameter_on_gloo:
+            assert {engine for _, engine, _ in log.calls} <= {"torch"}, log.calls
         torch.testing.assert_close(opt.grad_norm, ref_norm, **TOL)
         _check_shards(model, reference)
         # The scheduler's lr reached the wrapped optimizer (it steps with the lr of the step's start).
@@ -131,9 +149,10 @@ def _state_elements(opt) -> tuple[int, int, int]:
     return state, masters, local
 
 
+@pytest.mark.parametrize("per_parameter_on_gloo", [False, True], ids=["default", "per_parameter_on_gloo"])
 @pytest.mark.parametrize("world_size,tp", ZERO1_TOPOLOGIES)
-def test_zero1_adamw_matches_unsharded(pools, world_size, tp):
-    results = pools.run(world_size, tp, _case_matches_unsharded, "adamw")
+def test_zero1_adamw_matches_unsharded(pools, world_size, tp, per_parameter_on_gloo):
+    results = pools.run(world_size, tp, _case_matches_unsharded, "adamw", per_parameter_on_gloo)
     dp = world_size // tp
     for state, masters, local in results:
         assert masters == sum(math.ceil(n / dp) for n in _local_numels(tp))
@@ -151,6 +170,8 @@ def _local_numels(tp: int) -> list[int]:
 ])
 def test_zero1_other_optimizers_match_unsharded(pools, world_size, tp, optimizer_name):
     pools.run(world_size, tp, _case_matches_unsharded, optimizer_name)
+    if optimizer_name == "sgd_momentum":
+        pools.run(world_size, tp, _case_matches_unsharded, optimizer_name, True)
 
 
 def _case_bf16_fp32_master():

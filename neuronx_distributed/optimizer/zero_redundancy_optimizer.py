@@ -92,6 +92,11 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
     Parameters whose gradient is None on every rank of the sharding group are skipped by
     the step (their state is untouched); one that has a gradient on some ranks only is
     averaged with zeros from the others, as DDP does.
+
+    `step()` consumes the gradients: where the sharding group runs on gloo (whose
+    reduce-scatter is an all-reduce), a parameter's gradient is reduced in place, so
+    afterwards `param.grad` holds its sum over the group (this rank's chunk averaged and
+    clipped); call `zero_grad()` before the next backward, as usual.
     """
 
     def __init__(
@@ -272,12 +277,15 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
         for shard in shards:
             _adopt_parameter_changes(shard)
         stepped = self._shards_with_gradients(shards)
-        self._reduce_scatter_gradients(stepped)
+        self._reduce_scatter_gradients(stepped)  # each chunk's gradient summed (not yet averaged) over the group
+        size = dist.get_world_size(self._sharding_group)
+        scale: float | torch.Tensor = 1.0 / size
         if self.grad_clipping:
-            self._grad_norm = self._global_grad_norm(stepped)
-            clip_coef = (self.max_norm / (self._grad_norm + 1e-6)).clamp(max=1.0)
-            for shard in stepped:
-                shard.master.grad.mul_(clip_coef.to(shard.master.grad.dtype))
+            self._grad_norm = self._global_grad_norm(stepped) / size  # the norm of the average
+            scale = (self.max_norm / (self._grad_norm + 1e-6)).clamp(max=1.0) / size
+        for shard in stepped:  # the average and the clipping in one pass
+            grad = shard.master.grad
+            grad.mul_(scale.to(grad.dtype) if isinstance(scale, torch.Tensor) else scale)
         self.base_optimizer.step()
         self._all_gather_parameters(stepped)
         for shard in stepped:
@@ -298,31 +306,59 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
         return [shard for shard, anywhere in zip(shards, present.tolist()) if anywhere]
 
     def _reduce_scatter_gradients(self, shards: list[_Shard]) -> None:
-        size = dist.get_world_size(self._sharding_group)
+        """Set each shard's `master.grad` to its chunk of the gradient summed over the sharding group."""
+        rank = dist.get_rank(self._sharding_group)
         for bucket in _buckets(shards, self._reduce_scatter_bytes, self._grad_dtype):
-            dtype = self._grad_dtype(bucket[0])
             # Row r of the bucket holds chunk r of every gradient, side by side: reduce-scatter
             # along the rows leaves each rank with its own chunks of all of them.
-            rows = torch.empty(size, sum(s.chunk for s in bucket), dtype=dtype, device=bucket[0].param.device)
-            for shard, columns in zip(bucket, rows.split([s.chunk for s in bucket], dim=1)):
-                _write_padded_rows(columns, shard.param.grad)
-            mine = comm.reduce_scatter(rows, dim=0, group=self._sharding_group).reshape(-1)
-            mine = mine.to(self.optimizer_dtype).div_(size)
+            rows, packed = self._gradient_rows(bucket)
+            if self._on_gloo(rows):
+                # gloo's reduce-scatter is an all-reduce (comm.engine): run it in place, on the
+                # packed copy or on the gradient itself, rather than on one more copy.
+                comm.all_reduce(rows, op="sum", group=self._sharding_group)
+                mine = rows[rank].clone() if packed else rows[rank]
+            else:
+                mine = comm.reduce_scatter(rows, dim=0, group=self._sharding_group).reshape(-1)
+            mine = mine.to(self.optimizer_dtype)
             for shard, grad in zip(bucket, mine.split([s.chunk for s in bucket])):
                 shard.master.grad = grad
+
+    def _gradient_rows(self, bucket: list[_Shard]) -> tuple[torch.Tensor, bool]:
+        """The bucket's gradients as (group size, chunks side by side), and whether that is a packed copy.
+
+        A lone gradient of the collective's dtype that needs no padding is viewed as is.
+        """
+        size, dtype = dist.get_world_size(self._sharding_group), self._grad_dtype(bucket[0])
+        grad = bucket[0].param.grad
+        if (len(bucket) == 1 and grad is not None and grad.dtype == dtype and grad.is_contiguous()
+                and grad.numel() == size * bucket[0].chunk):
+            return grad.detach().view(size, bucket[0].chunk), False
+        rows = torch.empty(size, sum(s.chunk for s in bucket), dtype=dtype, device=bucket[0].param.device)
+        for shard, columns in zip(bucket, rows.split([s.chunk for s in bucket], dim=1)):
+            _write_padded_rows(columns, shard.param.grad)
+        return rows, True
+
+    def _on_gloo(self, tensor: torch.Tensor) -> bool:
+        """Whether comm runs collectives on `tensor` over the sharding group through gloo."""
+        return (tensor.device.type == "cpu" and dist.get_backend(self._sharding_group) == "gloo"
+                and comm.engine_for(self._sharding_group, tensor).name == "torch")
 
     def _grad_dtype(self, shard: _Shard) -> torch.dtype:
         return self.optimizer_dtype if self.higher_cc_precision else shard.param.dtype
 
     def _global_grad_norm(self, shards: list[_Shard]) -> torch.Tensor:
-        """The 2-norm of the whole unsharded model's (averaged) gradient, the same on every rank."""
+        """The 2-norm of the whole unsharded model's gradient as the chunks hold it, the same on every rank."""
         counts_replicated = dist.get_rank(self._grad_norm_group) == 0
         device = shards[0].master.device if shards else self._first_device()
         total = torch.zeros(1, dtype=torch.float32, device=device)
         for shard in shards:
-            if is_tensor_parallel(shard.param) or counts_replicated:
-                squares = shard.master.grad.detach().float().pow(2)
-                total += (squares if shard.norm_weights is None else squares * shard.norm_weights).sum()
+            if not (is_tensor_parallel(shard.param) or counts_replicated):
+                continue
+            grad = shard.master.grad.detach()
+            if shard.norm_weights is None:
+                total += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            else:
+                total += (grad.float().square() * shard.norm_weights).sum()
         comm.all_reduce(total, op="sum", group=self._sharding_group)
         comm.all_reduce(total, op="sum", group=self._grad_norm_group)
         return total[0].sqrt()
@@ -332,7 +368,18 @@ class NeuronZero1Optimizer(torch.optim.Optimizer):
         return params[0].device if params else torch.device("cpu")
 
     def _all_gather_parameters(self, shards: list[_Shard]) -> None:
+        size = dist.get_world_size(self._sharding_group)
         for bucket in _buckets(shards, self._all_gather_bytes, lambda s: s.param.dtype):
+            if len(bucket) == 1 and bucket[0].aliases_param:
+                rows = bucket[0].param.detach().view(size, bucket[0].chunk)  # this rank's row is its master
+                if self._on_gloo(rows):
+                    # gloo's all-gather is a broadcast from each rank (comm.engine): broadcast
+                    # straight into the parameter, with no gathered copy to write back.
+                    for group_rank, global_rank in enumerate(dist.get_process_group_ranks(self._sharding_group)):
+                        comm.broadcast(rows[group_rank], src=global_rank, group=self._sharding_group)
+                else:
+                    rows.copy_(comm.all_gather(bucket[0].master.detach().unsqueeze(0), dim=0, group=self._sharding_group))
+                continue
             mine = torch.cat([s.master.detach().to(s.param.dtype) for s in bucket]).unsqueeze(0)
             rows = comm.all_gather(mine, dim=0, group=self._sharding_group)  # (group size, chunks of the bucket)
             for shard, columns in zip(bucket, rows.split([s.chunk for s in bucket], dim=1)):
