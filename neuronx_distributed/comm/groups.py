@@ -3,8 +3,10 @@
 `GroupEngines.set_up(group)` is collective over the group: its ranks exchange their engine
 setting (`settings.current()`: `set_backend`, NXD_COMM_BACKEND, NXD_COMM_TIMEOUT), their host
 and whether they have the compiled extension, and every rank raises the same CommBackendError
-if a setting is bad on any rank or the ranks disagree. Then the shared-memory segment is
-created when every rank is on this host (and the setting allows it). The engine for each
+if a setting is bad on any rank or the ranks disagree. Then, unless the setting is torch: the
+shared-memory segment is created when every rank is on this host, and the hierarchical
+engine's sub-groups (`comm.hierarchical`) when the group spans several hosts with the same
+number (> 1) of its ranks on each; other groups run on torch.distributed. The engine for each
 (device, dtype) is decided once, at its first call, and cached.
 """
 
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CollectiveError, CommBackendError
-from . import settings
+from . import hierarchical, settings
 from .engine import Engine, TorchEngine
 from .native import BUILD_HINT, _C
 from . import shm_ops
@@ -27,13 +29,14 @@ from .shm_groups import host_identity
 class GroupEngines:
     """The engines of one process group; `decisions` counts the (device, dtype) engine choices made."""
 
-    def __init__(self, group: dist.ProcessGroup, backend: str, shm_handle=None):
+    def __init__(self, group: dist.ProcessGroup, backend: str, shm_handle=None, hierarchical_engine=None):
         self.group = group
         self.backend = backend
         self.size = group.size()
         self.torch = TorchEngine(group)
         self.shm = ShmEngine(group, shm_handle) if shm_handle is not None else None
         self._shm_ops = ShmOpEngine(group) if shm_handle is not None else None
+        self.hierarchical = hierarchical_engine
         self._chosen: dict[tuple[torch.device, torch.dtype], Engine] = {}
         self.decisions = 0
 
@@ -49,7 +52,13 @@ class GroupEngines:
             if problem is not None:
                 raise CommBackendError(problem)
             return cls(group, backend)
-        mine = {"backend": backend, "problem": problem, "host": host_identity(), "extension": _C is not None}
+        mine = {
+            "backend": backend,
+            "problem": problem,
+            "host": host_identity(),
+            "extension": _C is not None,
+            "process_groups": hierarchical.process_groups_created(),
+        }
         every = [None] * group.size()
         dist.all_gather_object(every, mine, group=group)
         ranks = dist.get_process_group_ranks(group)
@@ -67,8 +76,14 @@ class GroupEngines:
                 )
                 raise CommBackendError(
                     f"the backend is shm, but shared memory cannot serve the group of global ranks {ranks}: {why}; "
-                    'call comm.set_backend("auto") (or set NXD_COMM_BACKEND=auto) to use torch.distributed there.'
+                    'call comm.set_backend("auto") (or set NXD_COMM_BACKEND=auto) to use torch.distributed there '
+                    "(with shared memory inside each host when every host holds the same number of its ranks)."
                 )
+            if not lacking and None not in hosts:
+                layout = hierarchical.HostLayout.of(ranks, [peer["host"] for peer in every])
+                created = [peer["process_groups"] for peer in every]
+                if layout.hierarchical and hierarchical.subgroup_names_agree(created):
+                    return cls(group, backend, hierarchical_engine=hierarchical.set_up(group, layout, timeout_s))
             return cls(group, backend)
         return cls(group, backend, shm_ops.groups.handle(group, timeout_s))
 
@@ -90,6 +105,8 @@ class GroupEngines:
         return self.torch
 
     def _decide(self, tensor: torch.Tensor) -> Engine:
+        if self.hierarchical is not None and tensor.device.type == "cpu":
+            return self.hierarchical.engine_for(tensor)
         if self.shm is not None and runs(tensor):
             return self.shm
         if self.backend == "shm":
