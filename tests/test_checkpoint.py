@@ -325,14 +325,14 @@ def _case_killed_during_save(save_dir: str, kill_rank: int):
 
     from neuronx_distributed.parallel_layers import checkpoint_format
 
-    def write_half_then_die(tensors, path, metadata=None):
+    def write_half_then_die(path, tensors, metadata):
         with open(path, "wb") as file:
             file.write(b"\x00" * 1000)
         os.kill(os.getpid(), signal.SIGKILL)
 
     model, optimizer, scheduler = _trained_state(parallel=True, steps=3)
     if parallel_state.get_tensor_model_parallel_rank() == kill_rank:
-        checkpoint_format.save_file = write_half_then_die  # this worker dies; its pool is replaced afterwards
+        checkpoint_format.write_safetensors = write_half_then_die  # this worker dies; its pool is replaced afterwards
     save(_checkpoint(model, optimizer, scheduler), save_dir)
 
 

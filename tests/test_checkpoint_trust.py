@@ -450,13 +450,26 @@ def test_a_model_without_tp_layers_still_saves_and_merges(pools, tmp_path):
 
 
 def test_merge_refuses_replicated_tensors_that_differ_between_files(tp2, tmp_path):
-    """A rank file whose 'replicated' tensor differs in value (or shape) from rank 0's: no merged value is right."""
-    for name, change, error in [
-        ("value", lambda tensors: {**tensors, "model/norm.weight": tensors["model/norm.weight"] + 1}, ReplicatedMismatchError),
-        ("shape", lambda tensors: {**tensors, "model/norm.weight": torch.ones(8)}, CheckpointCorruptError),
+    """A rank file whose 'replicated' tensor differs in value (or shape) from rank 0's: no merged value is right.
+
+    The save wrote the tensor once (TP rank 0's file); the forged checkpoint stores a copy per file, as format
+    version 1 does (its manifest entry no longer names one file), or keeps the entry and adds a copy (refused:
+    a file holds a tensor the manifest places in another).
+    """
+    norm = torch.ones(16)
+    for name, change, error, per_file in [
+        ("value", lambda tensors: {**tensors, "model/norm.weight": norm + 1}, ReplicatedMismatchError, True),
+        ("shape", lambda tensors: {**tensors, "model/norm.weight": torch.ones(8)}, CheckpointCorruptError, True),
+        ("extra", lambda tensors: {**tensors, "model/norm.weight": norm}, CheckpointCorruptError, False),
     ]:
         folder = _copy(tp2, tmp_path, name)
-        _rewrite_shard(os.path.join(folder, _manifest(folder)["files"][1]["path"]), change)
+        raw = _manifest(folder)
+        assert raw["tensors"]["model/norm.weight"].pop("file") == 0  # written once, by TP rank 0
+        with safe_open(os.path.join(folder, raw["files"][0]["path"]), framework="pt") as file:
+            norm = file.get_tensor("model/norm.weight")
+        if per_file:
+            _write_manifest(folder, raw)
+        _rewrite_shard(os.path.join(folder, raw["files"][1]["path"]), change)
         _record_files(folder)
         with pytest.raises(error, match="norm.weight"):
             checkpoint_tools.merge(folder, str(tmp_path / f"merged_{name}"))

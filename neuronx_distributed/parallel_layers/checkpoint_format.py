@@ -4,7 +4,10 @@
     save_dir/tp_rank_00/checkpoint-<save_id>.safetensors
     save_dir/tp_rank_01/checkpoint-<save_id>.safetensors
 
-Each shard file holds one TP rank's tensors; its safetensors metadata holds the
+Each shard file holds one TP rank's tensors, but for those the manifest records as
+written once (a replicated tensor whose entry has `file`: the TP rank whose file
+holds the only copy; `file_holding` says where any rank finds a tensor; format
+version 2, version 1 files hold every tensor). Its safetensors metadata holds the
 rank's whole state structure as JSON (see `state_tree`), the TP rank and the
 `save_id` it was written for, so a file copied into another rank's place or from
 another save is refused even with a matching checksum. Every save writes files
@@ -27,19 +30,18 @@ import stat
 import struct
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
-from safetensors.torch import save_file
 
-from ..durable import fsync_path, replace_with_text
+from ..durable import replace_with_text
 from ..errors import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
     IncompleteCheckpointError,
     TracedModelFolderError,
 )
+from .checkpoint_storage import publish, write_aside, write_safetensors
 from .manifest_schema import (  # noqa: F401 - the format's names, used as fmt.<name>
     CHECKSUM,
     FORMAT_NAME,
@@ -78,7 +80,8 @@ class TensorEntry:
     `parts` (written only when set): the partition dim is made of parts of these sizes
     (`resharding.Part`: size, replication, block), e.g. a fused GQA weight or replicated KV
     heads; `shape` is then the stored shape, every copy included, and `logical_shape` the
-    model's tensor (each block once).
+    model's tensor (each block once). `file` (written only when set): a replicated tensor
+    stored once, in the shard file of that TP rank.
     """
 
     shape: list[int]
@@ -87,6 +90,7 @@ class TensorEntry:
     partition_dim: int | None = None
     partition_stride: int = 1
     parts: list[dict] | None = None
+    file: int | None = None
 
     def row_parts(self) -> tuple[Part, ...]:
         """The parts of a sharded tensor's partition dim (equal parts of its stride when none are recorded)."""
@@ -135,8 +139,9 @@ class Manifest:
     def to_json(self) -> str:
         raw = asdict(self)
         for entry in raw["tensors"].values():
-            if entry["parts"] is None:
-                del entry["parts"]  # plain tensors keep the manifest that readers without `parts` know
+            for optional in ("parts", "file"):
+                if entry[optional] is None:
+                    del entry[optional]  # plain tensors keep the manifest that readers without them know
         return json.dumps(raw, indent=1)
 
     @classmethod
@@ -150,6 +155,12 @@ class Manifest:
         raw["files"] = [FileEntry(**entry) for entry in raw["files"]]
         raw["tensors"] = {name: TensorEntry(**entry) for name, entry in raw["tensors"].items()}
         return cls(**raw)
+
+
+def file_holding(entry: TensorEntry, tp_rank: int) -> int:
+    """The saved TP rank whose shard file holds TP rank `tp_rank`'s copy of `entry`: its own, or the one file of a
+    tensor written once. Save, load, reshard, merge and verify all find tensors through it."""
+    return tp_rank if entry.file is None else entry.file
 
 
 def checksum_file(path: str, progress: Callable[[int], object] | None = None, limit: int | None = None) -> tuple[str, int]:
@@ -173,51 +184,24 @@ def checksum_file(path: str, progress: Callable[[int], object] | None = None, li
     return f"{crc:08x}", size
 
 
-def _written_checksum(file, tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
-    """(crc32, size) of a safetensors file just written from `tensors`, from memory but its header.
-
-    The file is the 8-byte header length, the header, then each tensor's bytes back
-    to back in the order of their offsets; None if it is laid out otherwise.
-    """
-    (header_bytes,) = struct.unpack("<Q", os.pread(file.fileno(), 8, 0))
-    prefix = os.pread(file.fileno(), 8 + header_bytes, 0)
-    header = json.loads(prefix[8:])
-    header.pop("__metadata__", None)
-    crc, end = zlib.crc32(prefix), 0
-    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
-        begin, stop = info["data_offsets"]
-        if begin != end:
-            return None
-        if stop > begin:
-            crc = zlib.crc32(tensors[name].reshape(-1).view(torch.uint8).numpy(), crc)
-        end = stop
-    size = 8 + header_bytes + end
-    return (f"{crc:08x}", size) if size == os.fstat(file.fileno()).st_size else None
-
-
 def write_shard_file(save_dir: str, tp_rank: int, save_id: str, tensors: dict[str, torch.Tensor], structure) -> FileEntry:
     """Write a rank's tensors and structure aside, fsync, rename into place; return its manifest entry.
 
     `tensors` must be CPU and contiguous. The checksum is computed from them while
-    the file is flushed to disk, instead of reading the file back.
+    the file is written (`checkpoint_storage.write_safetensors`), instead of reading
+    the file back.
     """
     relative = shard_file_path(tp_rank, save_id)
     final = os.path.join(save_dir, relative)
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    partial = final + ".tmp"
     metadata = {
         "format": "pt",
         STRUCTURE_KEY: json.dumps(structure, separators=(",", ":")),
         TP_RANK_KEY: str(tp_rank),
         SAVE_ID_KEY: save_id,
     }
-    save_file(tensors, partial, metadata=metadata)
-    with open(partial, "rb") as file, ThreadPoolExecutor(max_workers=1) as flusher:
-        flushed = flusher.submit(os.fsync, file.fileno())
-        crc, size = _written_checksum(file, tensors) or checksum_file(partial)
-        flushed.result()
-    os.replace(partial, final)
-    fsync_path(os.path.dirname(final))
+    crc, size = write_aside(final, lambda aside: write_safetensors(aside, tensors, metadata))
+    publish(final + ".tmp", final)
     return FileEntry(path=relative, bytes=size, crc32=crc)
 
 
@@ -380,7 +364,8 @@ def check_shard_file(load_dir: str, manifest: Manifest, tp_rank: int) -> ShardFi
 
     Refused with CheckpointCorruptError unless it is a regular file inside the folder of
     the recorded size, written for this rank by this save (its metadata says so), whose
-    tensors are exactly those its structure names, each (but per-rank `local` ones)
+    tensors are exactly those its structure names (but those written once into another
+    rank's file: `file_holding`), each (but per-rank `local` ones)
     with the manifest's dtype and this rank's shape. Reads only the header (no
     checksum: see `verify_file`).
     """
@@ -403,13 +388,15 @@ def check_shard_file(load_dir: str, manifest: Manifest, tp_rank: int) -> ShardFi
             path, f"it was written as TP rank {saved_rank} of save {save_id}, but the manifest lists it as TP rank "
             f"{tp_rank} of save {manifest.save_id}: files of different ranks or saves were swapped or copied in"
         )
+    unlisted = next((name for name in names if name not in manifest.tensors), None)
+    if unlisted is not None:
+        raise _corrupt(path, f"it holds {unlisted!r:.100}, which the manifest does not list")
+    names = [name for name in names if file_holding(manifest.tensors[name], tp_rank) == tp_rank]  # the rest: elsewhere
     if set(names) != set(tensors):
         odd = sorted(set(names) ^ set(tensors))[:10]
         raise _corrupt(path, f"its structure and its tensors differ in {odd}")
     for name in names:
-        recorded = manifest.tensors.get(name)
-        if recorded is None:
-            raise _corrupt(path, f"it holds {name!r:.100}, which the manifest does not list")
+        recorded = manifest.tensors[name]
         if recorded.layout == LOCAL:
             continue  # each rank's own value: the manifest records TP rank 0's dtype and shape only
         expected = (SAFETENSORS_DTYPES[recorded.dtype][0], _local_shape(recorded, manifest.tensor_parallel_size))

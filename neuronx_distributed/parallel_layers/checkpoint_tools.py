@@ -264,8 +264,9 @@ def reshard(load_dir: str, out_dir: str, tensor_parallel_size: int, progress: bo
                     source.check_loadable(source.names())
                     tensors = {}
                     for name in source.names():
-                        tensors[name] = source.read(name)
                         entries[name] = manifest.tensors[name]
+                        if fmt.file_holding(entries[name], rank) == rank:  # a tensor written once: in one file
+                            tensors[name] = source.read(name)
                         bar.update(1 if rank == 0 else 0)
                     files.append(fmt.write_shard_file(out_dir, rank, save_id, tensors, source.structure))
             resharded = fmt.Manifest(tensor_parallel_size, save_id, manifest.model_key, files, entries)

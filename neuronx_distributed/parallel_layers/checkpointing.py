@@ -53,7 +53,6 @@ from ..errors import (
     CheckpointSaveError,
     CheckpointShapeError,
     NeuronxDistributedError,
-    ReplicatedMismatchError,
     UnsafeCheckpointError,
 )
 from . import checkpoint_format as fmt
@@ -71,6 +70,7 @@ from .resharding import (
 from .sharded_source import ShardedSource, Target
 from .state_tree import TensorRef, decode, flatten
 from .unsharded import open_unsharded
+from .checkpoint_plan import RankReport, SavePlan, build_plan
 from .layouts import Layout, model_layouts
 from .utils import tensor_model_parallel_attributes
 from .weight_loading import get_checkpoint_parts, get_weight_loader
@@ -249,11 +249,14 @@ def _layouts(state, model_key: str | None, model: nn.Module | None = None) -> di
     return layouts
 
 
-def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous tensors with no two sharing storage (safetensors' requirements)."""
+def _storable(tensors: dict[str, torch.Tensor], down_cast_bf16: bool = False) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors with no two sharing storage (safetensors' requirements); float32 ones as
+    bfloat16 with `down_cast_bf16`."""
     storable, storages = {}, set()
     for name, tensor in tensors.items():
         tensor = tensor.detach().to("cpu").contiguous()
+        if down_cast_bf16 and tensor.dtype == torch.float32:
+            tensor = tensor.to(torch.bfloat16)
         pointer = tensor.untyped_storage().data_ptr()
         if pointer and pointer in storages:
             tensor = tensor.clone()
@@ -276,11 +279,12 @@ def _model_tensor_names(flat, state, model_key: str | None) -> set[str]:
     return {name for name, tensor in flat.tensors.items() if id(tensor) in ids}
 
 
-def _write_rank_shard(state, save_dir: str, model_key, placement: _Placement, save_id: str, model: nn.Module | None = None):
-    """Write this rank's shard file; return (its file entry, tensor entries, model_key, fingerprints).
+def _rank_report(state, model_key, placement: _Placement, model: nn.Module | None = None, down_cast_bf16: bool = False):
+    """(this rank's `RankReport`, its storable tensors, its state structure): what the save plan is built from.
 
-    The fingerprints (crc32) of the model tensors saved as replicated let TP rank 0
-    check that they really are the same on every TP rank (`_global_entries`).
+    Every tensor saved as replicated gets a fingerprint (crc32) when TP > 1, so that
+    the plan writes it once if it is the same on every TP rank, and refuses a model
+    tensor whose copies differ (a shard that lost its layout).
     """
     flat = flatten(state)
     for name, tensor in flat.tensors.items():
@@ -290,65 +294,27 @@ def _write_rank_shard(state, save_dir: str, model_key, placement: _Placement, sa
                 f"(dense tensors of {sorted(fmt.SAFETENSORS_DTYPES)}); convert it before saving."
             )
     layouts = _layouts(state, model_key, model)
-    tensors = _storable(flat.tensors)
+    tensors = _storable(flat.tensors, down_cast_bf16)
     model_names = _model_tensor_names(flat, state, model_key) if placement.tp_size > 1 else set()
     entries, fingerprints = {}, {}
     for name, tensor in flat.tensors.items():
         layout, dim, stride, parts = layouts.get(id(tensor), (fmt.REPLICATED, None, 1, None))
-        entries[name] = fmt.TensorEntry(list(tensor.shape), fmt.dtype_name(tensor.dtype), layout, dim, stride, parts)
-        if layout == fmt.REPLICATED and name in model_names:
-            fingerprints[name] = _fingerprint(tensors[name])
-    file_entry = fmt.write_shard_file(save_dir, placement.tp_rank, save_id, tensors, flat.structure)
+        stored = tensors[name]
+        entries[name] = fmt.TensorEntry(list(stored.shape), fmt.dtype_name(stored.dtype), layout, dim, stride, parts)
+        if layout == fmt.REPLICATED and placement.tp_size > 1:
+            fingerprints[name] = _fingerprint(stored)
     has_model_key = isinstance(state, dict) and model_key in state
-    return file_entry, entries, model_key if has_model_key else None, fingerprints
+    report = RankReport(placement.tp_rank, entries, fingerprints, frozenset(model_names), model_key if has_model_key else None)
+    return report, tensors, flat.structure
 
 
-def _replicated_mismatch(name: str, per_rank: list, fingerprints: list[dict]) -> ReplicatedMismatchError:
-    differs = next(rank for rank, entry in enumerate(per_rank) if entry != per_rank[0] or
-                   fingerprints[rank].get(name) != fingerprints[0].get(name))
-    what = f"{per_rank[0].shape} on TP rank 0 and {per_rank[differs].shape}" if per_rank[differs] != per_rank[0] else \
-        "a different value on TP rank 0 than"
-    return ReplicatedMismatchError(
-        f"model tensor '{name}' carries no tensor-parallel attributes, so it would be saved as replicated, but it has "
-        f"{what} on TP rank {differs}. Either it is a shard whose attributes were lost, which happens when the state "
-        "dict is copied or cast ({k: v.clone() ...}, .to(dtype), .bfloat16()): save model.state_dict() itself (cast "
-        "the model, not its state dict); or the TP ranks' copies of a replicated weight differ, which happens when "
-        "the ranks built the model without the same seed: seed every rank alike before building it. Saved as is, "
-        "merging or resharding this checkpoint would give wrong tensors."
-    )
-
-
-def _global_entries(entries_per_rank: list[dict], fingerprints: list[dict] | None = None) -> dict[str, fmt.TensorEntry]:
-    """Merge the ranks' local entries into global ones: sharded shapes multiplied out, disagreements per-rank.
-
-    A model tensor saved as replicated that differs across the ranks (shape, dtype or
-    fingerprint) raises ReplicatedMismatchError: it is a shard that lost its attributes.
-    """
-    world = len(entries_per_rank)
-    fingerprints = fingerprints or [{} for _ in entries_per_rank]
-    merged = {}
-    for name in dict.fromkeys(name for entries in entries_per_rank for name in entries):
-        per_rank = [entries.get(name) for entries in entries_per_rank]
-        first = next(entry for entry in per_rank if entry is not None)
-        if first.layout == fmt.SHARDED:
-            for rank, entry in enumerate(per_rank):
-                if entry != first:
-                    raise CheckpointSaveError(
-                        f"'{name}' is a shard {first} on TP rank 0 but {entry} on TP rank {rank}; every TP rank must "
-                        "save the same state dict structure (model.state_dict() of the same model)."
-                    )
-            shape = list(first.shape)
-            shape[first.partition_dim] *= world
-            merged[name] = fmt.TensorEntry(
-                shape, first.dtype, fmt.SHARDED, first.partition_dim, first.partition_stride, first.parts
-            )
-            continue
-        fingerprinted = any(name in ranks for ranks in fingerprints)
-        differs = any(entry != first for entry in per_rank)
-        if fingerprinted and (differs or len({ranks.get(name) for ranks in fingerprints}) > 1):
-            raise _replicated_mismatch(name, per_rank, fingerprints)
-        merged[name] = fmt.TensorEntry(list(first.shape), first.dtype, fmt.LOCAL) if differs else first
-    return merged
+def _write_rank_shard(state, save_dir: str, model_key, placement: _Placement, save_id: str, model: nn.Module | None = None):
+    """Write every tensor of this rank's state into its shard file, without a plan (the trainer's per-rank writes);
+    return (its file entry, tensor entries, model_key, fingerprints of its replicated model tensors) for `_commit`."""
+    report, tensors, structure = _rank_report(state, model_key, placement, model)
+    file_entry = fmt.write_shard_file(save_dir, placement.tp_rank, save_id, tensors, structure)
+    fingerprints = {name: crc for name, crc in report.fingerprints.items() if name in report.model_names}
+    return file_entry, report.entries, report.model_key, fingerprints
 
 
 def _broadcast_object(placement: _Placement, value, src: int = 0):
@@ -385,29 +351,46 @@ def _lock_folder(save_dir: str) -> int:
         ) from None
 
 
-def save(state_dict, save_dir: str, model_key: str | None = "model", *, model: nn.Module | None = None) -> None:
+def save(state_dict, save_dir: str, model_key: str | None = "model", *, model: nn.Module | None = None,
+         down_cast_bf16: bool = False, master_dp_only: bool = True, save_xser: bool = False,
+         save_serially: bool = False) -> None:
     """Save `state_dict` as a sharded checkpoint at `save_dir`, replacing any checkpoint there atomically.
 
-    Every rank calls it with its own state dict; DP rank 0 of each TP rank writes
-    `save_dir/tp_rank_XX/`, global rank 0 writes the manifest last, and every rank
-    returns once the checkpoint is complete. `model_key` names the entry holding
-    `model.state_dict()` (the seed's 'model'); a state dict of tensors alone is
-    the model itself. If any rank fails, every rank raises and the previous
-    checkpoint at `save_dir` (if any) stays the one that loads; the files the
-    failed save wrote are removed.
+    Every rank calls it with its own state dict. The writers (DP rank 0 of each TP
+    rank) first agree on a plan (`checkpoint_plan`: which tensor goes into which
+    file; a replicated tensor that is the same on every TP rank is written once, by
+    TP rank 0); then each writes `save_dir/tp_rank_XX/`, global rank 0 writes the
+    manifest last, and every rank returns once the checkpoint is complete.
+    `model_key` names the entry holding `model.state_dict()` (the seed's 'model'); a
+    state dict of tensors alone is the model itself. If any rank fails, every rank
+    raises and the previous checkpoint at `save_dir` (if any) stays the one that
+    loads; the files the failed save wrote are removed.
 
     Global rank 0 holds a lock on `save_dir` (`folder_lock`) from the first file
     written to the last one removed: a second save to the same folder meanwhile,
     from this job or another, raises CheckpointBusyError on every rank of its job.
-    Model tensors without tensor-parallel attributes are checked to be identical
-    on every TP rank (one crc32 each); a copied or cast state dict, whose shards
-    lost their attributes, raises ReplicatedMismatchError instead of saving shards
-    as if they were whole tensors.
+    Model tensors without a sharded layout are checked to be identical on every TP
+    rank (one crc32 each) before anything is written; a copied or cast state dict,
+    whose shards lost their attributes, raises ReplicatedMismatchError instead of
+    saving shards as if they were whole tensors, unless `model` is given.
 
     `model`: the model whose state dict (or a copy or cast of it, such as
     `{k: v.clone()}` or `.to(torch.bfloat16)` of each entry) is saved; the layouts
     then come from what its layers declare (`layouts.model_layouts`) instead of the
     tensors' attributes, which copies lose.
+
+    Upstream NxD's keyword arguments, with their meaning here:
+    `down_cast_bf16=True` stores every float32 tensor as bfloat16 (upstream's cast);
+    `save_serially=True` makes the writing ranks of each host take turns, one shard
+    file at a time (upstream staggers its writes the same way to bound host memory;
+    its default is True, ours False: each rank streams its own tensors);
+    `save_xser` is a layout choice upstream (one file per tensor, for XLA) that has
+    no counterpart here: either value writes this format, whose tensors are already
+    stored one by one and never pickled; `master_dp_only=True` (the default, as
+    upstream) is what this format does: DP rank 0 writes. Upstream's False writes a
+    copy per DP rank; here that raises CheckpointArgumentError (every DP rank holds
+    the same model; ZeRO-1's per-DP-rank optimizer state is saved with
+    `optimizer.checkpoint.save_optimizer_state`).
     """
     placement = _placement()
     lock, error = None, None
@@ -417,46 +400,85 @@ def save(state_dict, save_dir: str, model_key: str | None = "model", *, model: n
             raise CheckpointArgumentError(f"model_key must be a string or None, got {type(model_key).__name__}.")
         if model is not None and not isinstance(model, nn.Module):
             raise CheckpointArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        for name, value in (("down_cast_bf16", down_cast_bf16), ("master_dp_only", master_dp_only),
+                            ("save_xser", save_xser), ("save_serially", save_serially)):
+            if not isinstance(value, bool):
+                raise CheckpointArgumentError(f"{name} must be True or False, got {value!r:.40}.")
+        if not master_dp_only:
+            raise CheckpointArgumentError(
+                "save(..., master_dp_only=False) would write a copy of the checkpoint per DP rank; every DP rank "
+                "holds the same model, so this format stores it once (DP rank 0). Drop the argument; save ZeRO-1's "
+                "per-DP-rank optimizer state with neuronx_distributed.optimizer.checkpoint.save_optimizer_state."
+            )
         if not placement.distributed or dist.get_rank() == 0:
             lock = _lock_folder(save_dir)
     except Exception as caught:  # reported to every rank below
         error = caught
     try:
         _agree(placement, error and _as_save_error(error, str(save_dir)), "starting the save")
-        _save_locked(state_dict, save_dir, model_key, placement, model)
+        _save_locked(state_dict, save_dir, model_key, placement, model, down_cast_bf16, save_serially)
     finally:
         if lock is not None:
             folder_lock.release(save_dir, fmt.SAVE_LOCK_NAME, lock)
 
 
-def _save_locked(state_dict, save_dir: str, model_key: str | None, placement: _Placement, model: nn.Module | None) -> None:
+def plan_save(state_dict, model_key: str | None = "model", *, model: nn.Module | None = None,
+              down_cast_bf16: bool = False) -> SavePlan:
+    """The plan `save` would follow for this state (every rank calls it; the same plan on every rank)."""
+    placement = _placement()
+    return _agreed_plan(placement, *_planned(state_dict, model_key, placement, model, down_cast_bf16)[:2])
+
+
+def _planned(state_dict, model_key, placement: _Placement, model, down_cast_bf16: bool):
+    """(its error or None, this rank's report, (its tensors, structure)) on a writer rank; (None, None, None) elsewhere."""
+    if placement.dp_rank != 0:
+        return None, None, None
+    try:
+        report, tensors, structure = _rank_report(state_dict, model_key, placement, model, down_cast_bf16)
+    except Exception as caught:  # reported to every rank
+        return caught, None, None
+    return None, report, (tensors, structure)
+
+
+def _agreed_plan(placement: _Placement, error, report) -> SavePlan:
+    """Every rank builds the plan from the writers' reports (raising on every rank if a report failed)."""
+    reports = [r for r in _agree(placement, error, "planning the save", report) if r is not None]
+    return build_plan(sorted(reports, key=lambda r: r.tp_rank))
+
+
+def _save_locked(state_dict, save_dir: str, model_key: str | None, placement: _Placement, model: nn.Module | None,
+                 down_cast_bf16: bool = False, save_serially: bool = False) -> None:
     save_id = _broadcast_object(placement, uuid.uuid4().hex)
     writes = placement.dp_rank == 0
-    error, report = None, None
+    error, report, local = _planned(state_dict, model_key, placement, model, down_cast_bf16)
+    plan = _agreed_plan(placement, error and _as_save_error(error, save_dir), report)
+    my_turn, turns = _host_turns(placement) if save_serially else (0, 1)
+    files = []
+    try:
+        for turn in range(turns):
+            error, written = None, None
+            if writes and turn == my_turn:
+                tensors, structure = local
+                try:
+                    mine = {name: tensors[name] for name in plan.files[placement.tp_rank]}
+                    written = (placement.tp_rank, fmt.write_shard_file(save_dir, placement.tp_rank, save_id, mine, structure))
+                except Exception as caught:  # reported to every rank
+                    error = _as_save_error(caught, save_dir)
+            files += [entry for entry in _agree(placement, error, "writing the shard files", written) if entry]
+        manifest = fmt.Manifest(placement.tp_size, save_id, plan.model_key, [f for _, f in sorted(files)], plan.tensors)
+        error = None
+        if not placement.distributed or dist.get_rank() == 0:
+            try:
+                fmt.write_manifest(save_dir, manifest)
+            except Exception as caught:  # reported to every rank
+                error = _as_save_error(caught, save_dir)
+        _agree(placement, error, "writing the manifest")
+    except BaseException:
+        if writes:
+            _remove_own_file(save_dir, placement.tp_rank, save_id)
+        raise
     if writes:
-        try:
-            report = _write_rank_shard(state_dict, save_dir, model_key, placement, save_id, model)
-        except Exception as caught:  # reported to every rank below
-            error = _as_save_error(caught, save_dir)
-    committed, failure = None, None
-    if writes:
-        reports = [None] * placement.tp_size
-        if placement.tp_group is not None and placement.tp_size > 1:
-            dist.gather_object(("ok", report) if error is None else ("error", f"{type(error).__name__}: {error}"),
-                               reports if placement.tp_rank == 0 else None, dst=dist.get_rank() - placement.tp_rank, group=placement.tp_group)
-        else:
-            reports[0] = ("ok", report) if error is None else ("error", f"{type(error).__name__}: {error}")
-        if placement.tp_rank == 0:
-            committed, failure = _commit(save_dir, save_id, reports, placement.tp_size)
-    committed, failure = _broadcast_object(placement, (committed, failure))
-    if writes and (error is not None or failure is not None):
-        _remove_own_file(save_dir, placement.tp_rank, save_id)
-    if error is not None:
-        raise error
-    if failure is not None:
-        raise failure
-    if writes:
-        _remove_previous_files(save_dir, committed, placement.tp_rank)
+        _remove_previous_files(save_dir, manifest, placement.tp_rank)
     if placement.distributed:
         dist.barrier()  # every writer is done deleting before rank 0 releases the folder
 
@@ -470,7 +492,8 @@ def _remove_own_file(save_dir: str, tp_rank: int, save_id: str) -> None:
 
 
 def _commit(save_dir: str, save_id: str, reports: list, tp_size: int) -> tuple[fmt.Manifest | None, Exception | None]:
-    """Write the manifest if every TP rank wrote its shard; return (the manifest, None) or (None, why the save failed)."""
+    """Write the manifest of `_write_rank_shard`'s files if every TP rank wrote its shard (every tensor in every
+    file: no plan); return (the manifest, None) or (None, why the save failed)."""
     failures = [f"TP rank {rank}: {report[1]}" for rank, report in enumerate(reports) if report[0] != "ok"]
     if failures:
         return None, CheckpointSaveError(
@@ -478,8 +501,9 @@ def _commit(save_dir: str, save_id: str, reports: list, tp_size: int) -> tuple[f
         )
     try:
         files = [report[1][0] for report in reports]
-        tensors = _global_entries([report[1][1] for report in reports], [report[1][3] for report in reports])
-        manifest = fmt.Manifest(tp_size, save_id, reports[0][1][2], files, tensors)
+        ranks = [RankReport(rank, entries, prints, frozenset(prints), model_key)
+                 for rank, (_, (_, entries, model_key, prints)) in enumerate(reports)]
+        manifest = fmt.Manifest(tp_size, save_id, reports[0][1][2], files, build_plan(ranks, write_once=False).tensors)
         fmt.write_manifest(save_dir, manifest)
     except NeuronxDistributedError as error:  # returned to every rank
         return None, error

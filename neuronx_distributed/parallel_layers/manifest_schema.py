@@ -14,7 +14,7 @@ import re
 from ..errors import CheckpointCorruptError
 
 FORMAT_NAME = "neuronx_distributed.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: replicated tensors may be written once (`file`); 1: every file holds every tensor
 CHECKSUM = "crc32"
 
 # Layouts of a tensor across the TP ranks of a checkpoint.
@@ -90,9 +90,9 @@ def _check_file(entry, rank: int, save_id: str) -> None:
         _fail(f"{where}.crc32", f"is {entry['crc32']!r:.80}, not 8 lowercase hex digits")
 
 
-def _check_tensor(name: str, entry, tp_size: int) -> None:
+def _check_tensor(name: str, entry, tp_size: int, version: int) -> None:
     where = f"tensors[{name!r:.200}]"
-    _fields(entry, where, _TENSOR_FIELDS, {"parts"})
+    _fields(entry, where, _TENSOR_FIELDS, {"parts", "file"} if version >= 2 else {"parts"})
     shape = entry["shape"]
     if not isinstance(shape, list) or len(shape) > _MAX_RANK or not all(_is_int(size) and size >= 0 for size in shape):
         _fail(f"{where}.shape", f"is {shape!r:.80}, not a list of at most {_MAX_RANK} sizes >= 0")
@@ -101,6 +101,10 @@ def _check_tensor(name: str, entry, tp_size: int) -> None:
     if entry["layout"] not in LAYOUTS:
         _fail(f"{where}.layout", f"is {entry['layout']!r:.80}, not one of {list(LAYOUTS)}")
     stride = _int_field(entry["partition_stride"], f"{where}.partition_stride", 1)
+    if "file" in entry:
+        if entry["layout"] != REPLICATED:
+            _fail(where, f"is {entry['layout']} but names the one file that holds it (only replicated tensors do)")
+        _int_field(entry["file"], f"{where}.file", 0, tp_size - 1)
     if entry["layout"] != SHARDED:
         if entry["partition_dim"] is not None or stride != 1 or "parts" in entry:
             _fail(where, f"is {entry['layout']} but has a partition_dim, stride or parts (only sharded tensors do)")
@@ -160,4 +164,4 @@ def check_manifest(raw) -> None:
     if not isinstance(raw["tensors"], dict):
         _fail("tensors", f"is a {type(raw['tensors']).__name__}, not an object")
     for name, entry in raw["tensors"].items():
-        _check_tensor(name, entry, tp_size)
+        _check_tensor(name, entry, tp_size, raw["version"])

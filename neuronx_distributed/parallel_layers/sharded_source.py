@@ -109,7 +109,7 @@ class ShardedSource:
         return shape
 
     def _ranks_read(self, names) -> list[int]:
-        ranks = {self.source_rank}
+        ranks = {fmt.file_holding(self.manifest.tensors[name], self.source_rank) for name in names} or {self.source_rank}
         sharded = [self.manifest.tensors[name] for name in names if self.manifest.tensors[name].layout == fmt.SHARDED]
         if sharded and (self.world_size != self.source_world or any(entry.parts is not None for entry in sharded)):
             ranks = set(range(self.source_world))
@@ -123,7 +123,7 @@ class ShardedSource:
         """This rank's tensor `name` (in `target`'s layout when given), cut from the source shards."""
         entry = self.manifest.tensors[name]
         if entry.layout != fmt.SHARDED:
-            return self._read_piece(self.source_rank, name, None, 0, 0)
+            return self._read_piece(fmt.file_holding(entry, self.source_rank), name, None, 0, 0)
         saved, target = entry.row_parts(), target or self.target(name)
         if (target.parts, target.rank, target.world_size) == (saved, self.source_rank, self.source_world):
             return self._read_piece(self.source_rank, name, None, 0, 0)
