@@ -48,10 +48,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .. import errors, folder_lock
-from ..durable import fsync_path, replace_with_text
+from ..durable import replace_with_text
 from ..errors import (
     CheckpointArgumentError,
     CheckpointBusyError,
@@ -67,6 +66,7 @@ from ..errors import (
     UnsafeCheckpointError,
 )
 from ..parallel_layers import checkpoint_format as fmt
+from ..parallel_layers.checkpoint_storage import publish, write_aside, write_safetensors
 from ..parallel_layers import parallel_state
 from ..parallel_layers.utils import tensor_model_parallel_attributes
 from .zero_redundancy_optimizer import NeuronZero1Optimizer, _hyperparameters, _owned_slice
@@ -461,12 +461,8 @@ def _write_file(output_dir: str, view: _View, save_id: str) -> dict:
         tensors[_master_name(index)] = master
     name = file_name(view.tp_rank, view.dp_rank, save_id)
     final = os.path.join(output_dir, name)
-    partial = final + ".tmp"
-    save_file(_storable(tensors), partial)
-    fsync_path(partial)
-    crc, size = fmt.checksum_file(partial)
-    os.replace(partial, final)
-    fsync_path(output_dir)
+    crc, size = write_aside(final, lambda aside: write_safetensors(aside, _storable(tensors), {"format": "pt"}))
+    publish(final + ".tmp", final)
     return {"path": name, "bytes": size, "crc32": crc, "tp_rank": view.tp_rank, "dp_rank": view.dp_rank,
             "ranges": [list(r) for r in view.ranges()], "state": entries, "masters": view.master_dtype()}
 

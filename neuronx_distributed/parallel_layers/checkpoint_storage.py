@@ -5,7 +5,9 @@
 order) from each tensor's own memory: no serialized copy of the data is made. The
 crc32 of the whole file is computed while it is written and flushed, by a few
 threads over fixed-size chunks of the data (zlib releases the GIL), joined with
-`crc32_combine`. `publish` renames a finished file into place and fsyncs its
+`crc32_combine`; after each chunk a background fdatasync starts the disk on what
+is written (unless one is still running), so the final fsync waits for the tail
+only. `publish` renames a finished file into place and fsyncs its
 folder; `write_aside` runs a writer on the path beside the final one and removes
 what it left if it fails. Shard files are written through them
 (`checkpoint_format.write_shard_file`).
@@ -127,11 +129,17 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
     chunks = _chunks(buffers, _CHUNK_BYTES)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        with ThreadPoolExecutor(max_workers=_CRC_THREADS) as pool:
+        with ThreadPoolExecutor(max_workers=_CRC_THREADS) as pool, ThreadPoolExecutor(max_workers=1) as flusher:
             crcs = [pool.submit(_crc_of, chunk) for chunk in chunks]
             _write_all(fd, memoryview(prefix))
-            for buffer in buffers:
-                _write_all(fd, buffer)
+            flushing = None
+            for chunk in chunks:
+                for piece in chunk:
+                    _write_all(fd, piece)
+                if flushing is None or flushing.done():  # the disk writes what is written while the rest is copied
+                    flushing = flusher.submit(os.fdatasync, fd)
+            if flushing is not None:
+                flushing.result()
             os.fsync(fd)
             crc = zlib.crc32(prefix)
             for future in crcs:
