@@ -1,16 +1,24 @@
 """Per-call latency of traced tensor-parallel inference: MiniLM (all-MiniLM-L6-v2), sequence 128.
 
-One run, one table, at batch 1 and 8:
-  untraced  the Hugging Face model in this process, all cores
-  eager     the tutorial's TP=2 model called inside its 2 worker processes (1 call = both ranks)
-  exported  the same workers running the torch.export program of their shard as a traced worker runs it
-  traced    TensorParallelModel from parallel_model_trace(tp_degree=2), called from this process
-Dispatch overhead = traced - exported: the caller's share (inputs into shared memory, waking the
-workers, waiting, copying rank 0's outputs back). A tiny ColumnParallelLinear (8 -> 16, no
-collective) shows it with almost no compute. Times are medians over the calls; the last line
-gives the tiny model's fastest calls too (the floor when no other process competes for the cores).
+Two TP=2 models of the pretrained MiniLM:
+  parallelize   `tp_plan.parallelize(model)` with its BERT plan: attention and MLP sharded
+                (two all-reduces per layer, one for the vocabulary-parallel embedding)
+  tutorial      the inference tutorial's model: only the attention sharded, so every rank
+                computes the whole MLP (about 60% of a layer's multiply-adds) itself
+Columns, ms per call:
+  untraced      the Hugging Face model in this process, all cores
+  eager         the TP=2 model called inside its 2 worker processes (1 call = both ranks)
+  exported      the same workers running the torch.export program of their shard as a traced worker runs it
+  traced        TensorParallelModel from parallel_model_trace(tp_degree=2), called from this process
+  ratio         traced / untraced (median over rounds of the rounds' medians)
+  dispatch      traced - exported: the caller's share (inputs into shared memory, waking the
+                workers, waiting, copying rank 0's outputs back)
+Every column is measured in the same rounds: each round runs `--calls` calls of each column in
+turn (the first call after a switch is not counted), so load from other processes falls on all
+columns alike. A tiny ColumnParallelLinear (8 -> 16, no collective) shows the dispatch with
+almost no compute. Each traced model's outputs are checked against the untraced model first.
 
-    HF_HUB_OFFLINE=1 python benchmarks/trace_latency.py [--calls 30]
+    HF_HUB_OFFLINE=1 python benchmarks/trace_latency.py [--calls 10] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -28,18 +36,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "inference"))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 SEQ = 128
 TP = 2
-WARMUP = 5
+COLUMNS = ("untraced", "eager", "exported", "traced")
 
-
-def call_times_ms(call, calls: int, before_each=lambda: None) -> list[float]:
+def timed_calls_ms(call, calls: int, before_each=lambda: None) -> list[float]:
+    """`calls` timings of `call()` after one untimed call (it absorbs the switch from another column)."""
     with torch.inference_mode():
-        for _ in range(WARMUP):
-            before_each()
-            call()
+        before_each()
+        call()
         times = []
         for _ in range(calls):
             before_each()
@@ -56,81 +62,144 @@ def build_tiny_layer():
     return ColumnParallelLinear(8, 16, gather_output=False)
 
 
-def _eager_worker(rank: int, store_path: str, build, inputs: tuple, calls: int, results) -> None:
-    """In each of the TP ranks: time the eager shard, then its exported program; rank 0 reports."""
+def build_parallelized():
+    """The pretrained MiniLM made tensor-parallel by its plan (in each worker)."""
+    import tp_inference_minilm as example
+    from transformers import AutoModel
+
+    from neuronx_distributed.tp_plan import parallelize
+
+    return parallelize(AutoModel.from_pretrained(example.MODEL_DIR))
+
+
+def _tp_worker(rank: int, store_path: str, build, inputs: tuple, commands, results) -> None:
+    """One TP rank running the eager shard or its exported program when told; rank 0 reports the times."""
     from neuronx_distributed import parallel_state
     from neuronx_distributed.trace.program_runner import program_runner
+    from neuronx_distributed.trace.workers import default_threads_per_worker
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // TP))
+    torch.set_num_threads(default_threads_per_worker(TP))  # as a traced model's workers run
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=TP)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
     model = build().eval()
-    barrier = partial(dist.barrier)
-    eager = call_times_ms(lambda: model(*inputs), calls, barrier)
     with torch.no_grad():
-        program, _ = program_runner(torch.export.export(model, inputs, strict=False))
-    exported = call_times_ms(lambda: program(*inputs), calls, barrier)
-    if rank == 0:
-        results.put((eager, exported))
+        exported = torch.export.export(model, inputs, strict=False)
+    program, _ = program_runner(exported)
+    callables = {"eager": lambda: model(*inputs), "exported": lambda: program(*inputs)}
+    results.put(("ready", rank))
+    while True:
+        command, *arguments = commands[rank].get()
+        if command == "stop":
+            break
+        column, calls = command, *arguments
+        times = timed_calls_ms(callables[column], calls, partial(dist.barrier))
+        if rank == 0:
+            results.put(times)
     dist.destroy_process_group()
 
 
-def eager_and_exported_ms(build, inputs: tuple, calls: int) -> tuple[list[float], list[float]]:
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_eager_worker, args=(os.path.join(tmp, "store"), build, inputs, calls, results),
-                           nprocs=TP, start_method="spawn")
-    return results.get()
+class TPWorkers:
+    """The eager and exported columns: 2 spawned ranks that run blocks of calls on request."""
+
+    def __init__(self, build, inputs: tuple, tmp: str, tag: str):
+        context = mp.get_context("spawn")
+        self._commands = [context.SimpleQueue() for _ in range(TP)]
+        self._results = context.SimpleQueue()
+        self._processes = mp.start_processes(
+            _tp_worker, args=(os.path.join(tmp, f"store-{tag}"), build, inputs, self._commands, self._results),
+            nprocs=TP, join=False, start_method="spawn")
+        for _ in range(TP):
+            self._results.get()
+
+    def run(self, column: str, calls: int) -> list[float]:
+        for queue in self._commands:
+            queue.put((column, calls))
+        return self._results.get()
+
+    def stop(self) -> None:
+        for queue in self._commands:
+            queue.put(("stop",))
+        while not self._processes.join():  # returns after each process that ends
+            pass
 
 
-def traced_ms(build, inputs: tuple, calls: int) -> list[float]:
+def measure(build, inputs: tuple, untraced, rounds: int, calls: int, tmp: str, tag: str, check=None):
+    """Rounds of every column in turn; returns (medians per column, median traced/untraced ratio, workers)."""
     from neuronx_distributed.trace import parallel_model_trace
 
-    with parallel_model_trace(build, inputs, tp_degree=TP) as model:
-        return call_times_ms(lambda: model(*inputs), calls)
+    workers = TPWorkers(build, inputs, tmp, tag)
+    times = {column: [] for column in COLUMNS}
+    ratios = []
+    with parallel_model_trace(build, inputs, tp_degree=TP) as traced:
+        if check is not None:
+            with torch.inference_mode():
+                check(traced(*inputs))
+        for _ in range(rounds):
+            medians = {}
+            for column in COLUMNS:
+                if column == "untraced":
+                    block = timed_calls_ms(lambda: untraced(*inputs), calls) if untraced else [float("nan")]
+                elif column == "traced":
+                    block = timed_calls_ms(lambda: traced(*inputs), calls)
+                else:
+                    block = workers.run(column, calls)
+                times[column] += block
+                medians[column] = statistics.median(block)
+            ratios.append(medians["traced"] / medians["untraced"])
+    return {column: statistics.median(values) for column, values in times.items()}, statistics.median(ratios), workers
+
+
+def same_outputs_as(expected):
+    """A check that a traced model's outputs are the untraced model's."""
+    def check(outputs):
+        torch.testing.assert_close(outputs["last_hidden_state"], expected.last_hidden_state, rtol=1e-4, atol=5e-5)
+    return check
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--calls", type=int, default=10, help="timed calls per column per round")
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     import tp_inference_minilm as example
     from transformers import AutoModel, AutoTokenizer
 
+    from neuronx_distributed.trace.workers import default_threads_per_worker
+
     tokenizer = AutoTokenizer.from_pretrained(example.MODEL_DIR)
     reference = AutoModel.from_pretrained(example.MODEL_DIR).eval()
     rows = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = os.path.join(tmp, "bert.pt")
         torch.save({"model": reference.state_dict()}, checkpoint)
-        build = partial(example.get_model, checkpoint)
-        for batch in (1, 8):
-            sentences = (example.SENTENCES * batch)[:batch]
-            inputs = example.encode(tokenizer, sentences, max_length=SEQ)
-            untraced = call_times_ms(lambda: reference(*inputs), args.calls)
-            eager, exported = eager_and_exported_ms(build, inputs, args.calls)
-            traced = traced_ms(build, inputs, args.calls)
-            rows.append((f"MiniLM b={batch} s={SEQ}", *map(statistics.median, (untraced, eager, exported, traced))))
-    tiny_inputs = (torch.randn(1, 8),)
-    tiny_eager, tiny_exported = eager_and_exported_ms(build_tiny_layer, tiny_inputs, args.calls * 50)
-    tiny_traced = traced_ms(build_tiny_layer, tiny_inputs, args.calls * 50)
-    tiny = (tiny_eager, tiny_exported, tiny_traced)
-    rows.append(("tiny layer (dispatch)", float("nan"), *map(statistics.median, tiny)))
+        tutorial = partial(example.get_model, checkpoint)
+        for name, build, batch in (("parallelize", build_parallelized, 1), ("parallelize", build_parallelized, 8),
+                                   ("tutorial", tutorial, 1)):
+            inputs = example.encode(tokenizer, (example.SENTENCES * batch)[:batch], max_length=SEQ)
+            with torch.inference_mode():
+                expected = reference(*inputs)
+            medians, ratio, workers = measure(build, inputs, reference, args.rounds, args.calls, tmp,
+                                              f"{name}{batch}", same_outputs_as(expected))
+            workers.stop()
+            rows.append((f"MiniLM {name} b={batch} s={SEQ}", medians, ratio))
+        tiny, _, workers = measure(build_tiny_layer, (torch.randn(1, 8),), None, args.rounds, args.calls * 20, tmp,
+                                   "tiny")
+        workers.stop()
+        rows.append(("tiny layer (dispatch)", tiny, float("nan")))
 
-    print(f"\n{os.cpu_count()} CPU cores, torch {torch.__version__}, TP={TP} workers with "
-          f"{max(1, (os.cpu_count() or 1) // TP)} thread(s) each, untraced with {torch.get_num_threads()}; ms per call\n")
-    header = ["model", "untraced 1 proc", "eager TP=2", "exported TP=2", "traced TP=2", "dispatch overhead"]
+    load = ", ".join(f"{value:.1f}" for value in (*load_before, *os.getloadavg()))
+    print(f"\n{os.cpu_count()} CPU cores (load averages before, after: {load}), torch {torch.__version__}, "
+          f"TP={TP} workers with {default_threads_per_worker(TP)} thread(s) each, untraced with "
+          f"{torch.get_num_threads()}; ms per call, medians of {args.rounds} rounds x {args.calls} calls\n")
+    header = ["model", "untraced 1 proc", "eager TP=2", "exported TP=2", "traced TP=2", "traced / untraced",
+              "dispatch overhead"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for name, untraced, eager, exported, traced in rows:
-        cells = [f"{value:.3f}" if value == value else "-" for value in (untraced, eager, exported, traced)]
-        print(f"| {name} | " + " | ".join(cells) + f" | {traced - exported:.3f} |")
-    fastest = [sorted(times)[: max(1, len(times) // 10)] for times in tiny]
-    eager_best, exported_best, traced_best = (statistics.mean(times) for times in fastest)
-    print(f"\ntiny layer, mean of the fastest 10% of {len(tiny_traced)} calls: eager {eager_best:.3f}, "
-          f"exported {exported_best:.3f}, traced {traced_best:.3f}; dispatch overhead {traced_best - exported_best:.3f} ms")
-
+    for name, medians, ratio in rows:
+        cells = [f"{medians[column]:.3f}" if medians[column] == medians[column] else "-" for column in COLUMNS]
+        ratio_cell = f"{ratio:.2f}x" if ratio == ratio else "-"
+        print(f"| {name} | " + " | ".join(cells) + f" | {ratio_cell} | {medians['traced'] - medians['exported']:.3f} |")
 
 if __name__ == "__main__":
     main()
