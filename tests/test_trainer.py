@@ -5,7 +5,8 @@ must equal, step by step and bit for bit, the same model trained by hand (parall
 layers, DP gradient all-reduce, TP-aware clipping, AdamW; or NeuronZero1Optimizer used
 directly). Checkpoints: `num_kept_ckpts` keeps the newest tags, an async save holds
 the state of the call, a save that fails on one rank leaves the previous tag the
-newest, a resumed run continues bit for bit, and a checkpoint of another model
+newest, a resumed run continues bit for bit, a ZeRO-1 tag saved at DP=2 resumes at DP=4
+and DP=1 as the uninterrupted plain run continues, and a checkpoint of another model
 raises a typed error and changes nothing.
 """
 
@@ -261,6 +262,52 @@ def _case_failed_saves_keep_previous(folder: str):
 
 def test_failed_or_killed_saves_leave_the_previous_tag_newest(pools, tmp_path):
     assert pools.run(4, 2, _case_failed_saves_keep_previous, str(tmp_path / "ckpt")) == [0, 1, 0, 1]
+
+
+def _case_zero1_save_at_dp2(folder: str):
+    model, optimizer, scheduler = _trainer_run(True)
+    _train(model, optimizer, scheduler, range(3))
+    save_checkpoint(folder, "dp2", model=model, optimizer=optimizer, scheduler=scheduler, user_content={"step": 2})
+    return parallel_state.get_data_parallel_rank()
+
+
+def _case_zero1_resume_at_other_dp(folder: str):
+    """Resume the DP=2 ZeRO-1 tag here; the continued run must equal an uninterrupted plain run."""
+    plain, plain_optimizer, plain_scheduler = _trainer_run(False)
+    plain_norms = _train(plain, plain_optimizer, plain_scheduler, range(5))
+    bigger, bigger_optimizer, bigger_scheduler = _trainer_run(True, ffn=2 * FFN)
+    _train(bigger, bigger_optimizer, bigger_scheduler, [0])
+    before = _params(bigger), _state_tensors(bigger_optimizer)
+    with pytest.raises(NeuronxDistributedError, match="does not fit|shape"):
+        load_checkpoint(folder, model=bigger, optimizer=bigger_optimizer)
+    with pytest.raises(NeuronxDistributedError, match="does not fit"):
+        load_checkpoint(folder, optimizer=bigger_optimizer)
+    assert _same(_params(bigger), before[0]) and _same(_state_tensors(bigger_optimizer), before[1])
+
+    model, optimizer, scheduler = _trainer_run(True, seed=SEED + 5)
+    assert load_checkpoint(folder, model=model, optimizer=optimizer, scheduler=scheduler) == {"step": 2}
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(LR / 4)  # the scheduler at step 3
+    norms = _train(model, optimizer, scheduler, [3, 4])
+    for norm, plain_norm in zip(norms, plain_norms[3:]):
+        torch.testing.assert_close(norm, plain_norm, rtol=1e-5, atol=1e-6)
+    for name, param in _params(model).items():
+        torch.testing.assert_close(param, _params(plain)[name], rtol=1e-5, atol=1e-6, msg=name)
+    return parallel_state.get_data_parallel_rank()
+
+
+def _state_tensors(optimizer) -> dict:
+    """Every tensor of a ZeRO-1 optimizer's state_dict (moments, step counters, master chunks), by a flat key."""
+    state = optimizer.state_dict()
+    tensors = {f"{index}/{key}": value.clone() for index, values in state["state"].items() for key, value in values.items()}
+    return {**tensors, **{f"master/{i}": m for i, m in enumerate(state["master_weights"])}}
+
+
+def test_zero1_checkpoint_resumes_at_another_dp_size(pools, tmp_path):
+    """A ZeRO-1 tag saved at TP=1 x DP=2 resumes at DP=4 and at DP=1 (each rank cuts its chunks from the partitions)."""
+    folder = str(tmp_path / "ckpt")
+    assert pools.run(2, 1, _case_zero1_save_at_dp2, folder) == [0, 1]
+    assert pools.run(4, 1, _case_zero1_resume_at_other_dp, folder) == [0, 1, 2, 3]
+    assert pools.run(1, 1, _case_zero1_resume_at_other_dp, folder) == [0]
 
 
 def _case_other_model_changes_nothing(folder: str):

@@ -30,7 +30,8 @@ its last async save invisible, never partial.
 No pickle: tensors in safetensors, scheduler state and user content as JSON
 (anything JSON cannot hold raises UnsafeCheckpointError, naming where it is).
 Model tensors reshard on load like `parallel_layers.load`; optimizer state loads
-at the TP degree (and for ZeRO-1 the DP degree) it was saved at. One job saves to
+at the TP degree it was saved at, and ZeRO-1 state at any DP degree (each rank then
+reads every saved partition of its TP rank and cuts its own chunks from them). One job saves to
 a folder at a time (no lock across jobs, unlike `parallel_layers.save`).
 Unlike upstream, `num_workers` and `use_xser` (Neuron/XLA serialization
 settings) change nothing here, and loading checks the whole checkpoint against
@@ -40,6 +41,7 @@ the model and optimizer before anything changes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import threading
@@ -455,12 +457,11 @@ def load_checkpoint(
     checkpointing._agree(placement, error, f"loading checkpoint tag {tag!r}")
     optimizer_state = None
     if optimizer is not None:
-        folder = OPTIM_FOLDER
-        if marker["optimizer"] == ZERO1:
-            folder = os.path.join(OPTIM_FOLDER, f"dp_rank_{placement.dp_rank:02d}")
-        optimizer_state = checkpointing.load(os.path.join(tag_dir, folder), model_key=None).get("optimizer")
+        saved = [checkpointing.load(os.path.join(tag_dir, folder), model_key=None).get("optimizer")
+                 for folder in _optimizer_folders(marker, placement.dp_rank)]
         error = None
         try:
+            optimizer_state = saved[0] if len(saved) == 1 else _resharded_zero1_state(optimizer, saved, tag)
             _check_optimizer_state(optimizer, optimizer_state, tag)
         except Exception as caught:  # every rank learns about it below
             error = checkpointing._typed(caught, str(path))
@@ -474,6 +475,74 @@ def load_checkpoint(
     return user_content
 
 
+def _optimizer_folders(marker: dict, dp_rank: int) -> list[str]:
+    """The optimizer folders of the tag this rank reads: a plain optimizer's, its own ZeRO-1 partition
+    when the DP size is the saved one, else every saved partition (to cut this rank's chunks from)."""
+    if marker["optimizer"] != ZERO1:
+        return [OPTIM_FOLDER]
+    saved_size = marker["data_parallel_size"]
+    ranks = [dp_rank] if saved_size == _data_parallel_size() else range(saved_size)
+    return [os.path.join(OPTIM_FOLDER, f"dp_rank_{rank:02d}") for rank in ranks]
+
+
+def _resharded_zero1_state(optimizer, saved: list, tag: str) -> dict:
+    """A `NeuronZero1Optimizer.state_dict()` for this rank, cut from the partitions saved at another DP size.
+
+    Saved DP rank r of D held elements [r*c, r*c + c) of each flattened parameter (c = ceil(numel / D),
+    zero padding past the end); this rank takes its own chunk of the current DP size from them.
+    Element-wise state and master chunks are cut; step counters and other values come from DP rank 0.
+    """
+    inner = optimizer.optimizer if isinstance(optimizer, NxDOptimizer) else optimizer
+    damaged = OptimizerStateError(
+        f"the ZeRO-1 optimizer state of tag {tag!r} does not fit this optimizer: it was saved for another model, "
+        "optimizer or optimizer_dtype; load it into the model and optimizer it was saved with."
+    )
+    live = inner.state_dict()
+    numels = [p.numel() for group in inner.param_groups for p in group["params"]]
+    saved_chunks = [math.ceil(n / len(saved)) for n in numels]
+    group_sizes = [len(chunks) for chunks in live["sharding"]["chunks"]]
+    for rank, state in enumerate(saved):
+        layout = state.get("sharding") if isinstance(state, dict) else None
+        if not isinstance(layout, dict) or state.get("format") != live["format"]:
+            raise damaged
+        saved_groups = layout.get("chunks")
+        if (layout.get("rank") != rank or layout.get("size") != len(saved)
+                or layout.get("optimizer_dtype") != live["sharding"]["optimizer_dtype"]
+                or not isinstance(saved_groups, list) or not all(isinstance(g, list) for g in saved_groups)
+                or [len(g) for g in saved_groups] != group_sizes or sum(saved_groups, []) != saved_chunks):
+            raise damaged
+    chunks = sum(live["sharding"]["chunks"], [])
+    rank = live["sharding"]["rank"]
+
+    def cut(index: int, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's chunk of parameter `index`, from the saved chunks `pieces` (one per saved DP rank)."""
+        if any(not isinstance(piece, torch.Tensor) or piece.shape != (saved_chunks[index],) for piece in pieces):
+            raise damaged
+        flat = torch.cat(pieces)[: numels[index]]
+        mine = flat[rank * chunks[index] : (rank + 1) * chunks[index]]
+        return torch.nn.functional.pad(mine, (0, chunks[index] - mine.numel()))
+
+    first = saved[0]
+    if not isinstance(first.get("state"), dict) or any(
+        not isinstance(state.get("state"), dict) or state["state"].keys() != first["state"].keys()
+        or not isinstance(state.get("master_weights"), list) or len(state["master_weights"]) != len(numels)
+        for state in saved
+    ):
+        raise damaged
+    per_param = {}
+    for index, values in first["state"].items():
+        if (not isinstance(index, int) or not 0 <= index < len(numels)
+                or any(not isinstance(state["state"][index], dict) for state in saved)):
+            raise damaged
+        per_param[index] = {
+            key: cut(index, [state["state"][index].get(key) for state in saved])
+            if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+            for key, value in values.items()
+        }
+    masters = [cut(index, [state["master_weights"][index] for state in saved]) for index in range(len(numels))]
+    return {**live, "state": per_param, "param_groups": first.get("param_groups"), "master_weights": masters}
+
+
 def _check_optimizer_kind(optimizer, marker: dict, tag: str) -> None:
     saved, given = marker.get("optimizer"), _optimizer_kind(optimizer, False)
     if isinstance(optimizer, dict):
@@ -485,14 +554,15 @@ def _check_optimizer_kind(optimizer, marker: dict, tag: str) -> None:
             f"tag {tag!r} holds {'ZeRO-1' if saved == ZERO1 else 'plain'} optimizer state, but the optimizer given is "
             f"{'ZeRO-1' if given == ZERO1 else 'plain'}; build the optimizer as it was when saving."
         )
-    for key, now in (("tensor_parallel_size", checkpointing._placement().tp_size), ("data_parallel_size", _data_parallel_size())):
-        if key == "data_parallel_size" and saved != ZERO1:
-            continue
-        if marker.get(key) != now:
-            raise ReshardError(
-                f"tag {tag!r} was saved at {key}={marker.get(key)} and its optimizer state loads only there (now {now}); "
-                "load the model alone (optimizer=None) to continue at another size."
-            )
+    now = checkpointing._placement().tp_size
+    if marker.get("tensor_parallel_size") != now:
+        raise ReshardError(
+            f"tag {tag!r} was saved at tensor_parallel_size={marker.get('tensor_parallel_size')} and its optimizer "
+            f"state loads only there (now {now}); load the model alone (optimizer=None) to continue at another size."
+        )
+    dp_size = marker.get("data_parallel_size")
+    if saved == ZERO1 and (isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1):
+        raise CheckpointCorruptError(f"tag {tag!r} records data_parallel_size={dp_size!r}; its checkpoint.json is damaged.")
 
 
 def _check_optimizer_state(optimizer, state, tag: str) -> None:
