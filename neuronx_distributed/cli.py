@@ -53,7 +53,8 @@ def _inspect(args) -> int:
     rows = [("tensor", "layout", "global shape", "dtype", "dim/stride", "bytes")]
     for name, entry in manifest.tensors.items():
         sharding = f"{entry.partition_dim}/{entry.partition_stride}" if entry.layout == fmt.SHARDED else "-"
-        rows.append((name, entry.layout, "x".join(map(str, entry.shape)) or "scalar", entry.dtype, sharding,
+        layout = entry.layout if entry.file is None else f"{entry.layout} (once, {fmt.rank_folder(entry.file)})"
+        rows.append((name, layout, "x".join(map(str, entry.shape)) or "scalar", entry.dtype, sharding,
                      _human(entry.nbytes)))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:

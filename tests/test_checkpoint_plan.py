@@ -96,7 +96,7 @@ def _check_loads(pools, save_dir: str, reference: dict) -> None:
                 assert torch.equal(value, reference[key]), key
 
 
-def test_replicated_tensors_are_stored_once_and_load_at_any_tp(pools, tmp_path):
+def test_replicated_tensors_are_stored_once_and_load_at_any_tp(pools, tmp_path, capsys):
     save_dir = str(tmp_path / "tp2")
     pools.run(2, 2, _case_save, save_dir)
     first, second = _file_tensors(save_dir)
@@ -105,6 +105,10 @@ def test_replicated_tensors_are_stored_once_and_load_at_any_tp(pools, tmp_path):
     assert {"model/norm.weight", "model/norm.bias", "model/mlp.fc2.bias", "step"} <= once
     assert once <= first and not once & second
     assert manifest.version == 2
+    from neuronx_distributed.cli import main
+
+    assert main(["checkpoint", "inspect", save_dir]) == 0
+    assert "replicated (once, tp_rank_00)" in capsys.readouterr().out
     reference = _model(parallel=False).state_dict()
     _check_loads(pools, save_dir, reference)
 

@@ -317,14 +317,6 @@ def _write_rank_shard(state, save_dir: str, model_key, placement: _Placement, sa
     return file_entry, report.entries, report.model_key, fingerprints
 
 
-def _broadcast_object(placement: _Placement, value, src: int = 0):
-    if not placement.distributed:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
 def _as_save_error(error: Exception, save_dir: str) -> Exception:
     """`error` as a typed error: ours unchanged, an OSError (disk full, permissions) as CheckpointSaveError."""
     if isinstance(error, NeuronxDistributedError):
@@ -415,8 +407,8 @@ def save(state_dict, save_dir: str, model_key: str | None = "model", *, model: n
     except Exception as caught:  # reported to every rank below
         error = caught
     try:
-        _agree(placement, error and _as_save_error(error, str(save_dir)), "starting the save")
-        _save_locked(state_dict, save_dir, model_key, placement, model, down_cast_bf16, save_serially)
+        started = _agree(placement, error and _as_save_error(error, str(save_dir)), "starting the save", uuid.uuid4().hex)
+        _save_locked(state_dict, save_dir, started[0], model_key, placement, model, down_cast_bf16, save_serially)
     finally:
         if lock is not None:
             folder_lock.release(save_dir, fmt.SAVE_LOCK_NAME, lock)
@@ -446,9 +438,10 @@ def _agreed_plan(placement: _Placement, error, report) -> SavePlan:
     return build_plan(sorted(reports, key=lambda r: r.tp_rank))
 
 
-def _save_locked(state_dict, save_dir: str, model_key: str | None, placement: _Placement, model: nn.Module | None,
-                 down_cast_bf16: bool = False, save_serially: bool = False) -> None:
-    save_id = _broadcast_object(placement, uuid.uuid4().hex)
+def _save_locked(state_dict, save_dir: str, save_id: str, model_key: str | None, placement: _Placement,
+                 model: nn.Module | None, down_cast_bf16: bool = False, save_serially: bool = False) -> None:
+    """The save once every rank started it: the plan, the shard files, the manifest, each step agreed by `_agree`
+    (the save id is global rank 0's)."""
     writes = placement.dp_rank == 0
     error, report, local = _planned(state_dict, model_key, placement, model, down_cast_bf16)
     plan = _agreed_plan(placement, error and _as_save_error(error, save_dir), report)
