@@ -1,4 +1,4 @@
-"""The `nxd` command: `nxd checkpoint inspect|verify|merge|reshard` (no process group needed).
+"""The `nxd` command: `nxd checkpoint inspect|verify|merge|reshard|convert` (no process group needed).
 
 Every argument is checked before anything is written (argparse types here, the
 folders in `checkpoint_tools`); errors print one line that says what to do and
@@ -8,12 +8,15 @@ exit with status 2 (1: `verify` found a damaged checkpoint), never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shutil
 import sys
+import tempfile
 
-from .errors import CheckpointCorruptError, NeuronxDistributedError
+from .errors import CheckpointArgumentError, CheckpointCorruptError, NeuronxDistributedError
 from .parallel_layers import checkpoint_format as fmt
-from .parallel_layers import checkpoint_tools
+from .parallel_layers import checkpoint_tools, upstream_checkpoint
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -87,6 +90,40 @@ def _reshard(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    model_key = args.model_key or None
+    checkpoint = upstream_checkpoint.UpstreamCheckpoint(args.dir)
+    world = checkpoint.tensor_parallel_size
+    if args.config is not None:
+        shapes = upstream_checkpoint.model_shapes(checkpoint, model_key)
+        layouts = upstream_checkpoint.hf_config_layouts(args.config, world, shapes)
+    elif world == 1:
+        layouts = {}  # one rank holds every tensor whole
+    else:
+        raise CheckpointArgumentError(
+            f"{args.dir!r} was saved at TP={world}, and upstream files do not record how each tensor is sharded; pass "
+            "--config with the model's Hugging Face config (config.json or its folder) so the layout is known."
+        )
+    if args.to == "nxd":
+        upstream_checkpoint.convert(args.dir, args.out, layouts, model_key, progress=True)
+        print(f"wrote a TP={world} checkpoint to {args.out}")
+        return 0
+    checkpoint_tools.check_output_folder(args.dir, args.out, "merge")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    staging = tempfile.mkdtemp(prefix=".nxd-convert-", dir=parent)
+    try:
+        upstream_checkpoint.convert(args.dir, staging, layouts, model_key, progress=True)
+        files = checkpoint_tools.merge(staging, args.out, progress=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    config_file = os.path.join(args.config, "config.json") if args.config and os.path.isdir(args.config) else args.config
+    if config_file and os.path.isfile(config_file):
+        shutil.copyfile(config_file, os.path.join(args.out, "config.json"))
+        files.append("config.json")
+    print(f"wrote {', '.join(files)} to {args.out}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nxd", description="NeuronxDistributed tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +149,20 @@ def _parser() -> argparse.ArgumentParser:
     reshard.add_argument("out")
     reshard.add_argument("--tp", type=_tensor_parallel_size, required=True, help="the target tensor-parallel degree (>= 1)")
     reshard.set_defaults(run=_reshard)
+    convert = actions.add_parser(
+        "convert", help="write a checkpoint of upstream NeuronxDistributed (tp_rank_XX_pp_rank_00/checkpoint.pt or xser) "
+        "in our sharded format at its TP degree, or with --to hf as a merged model.safetensors folder"
+    )
+    convert.add_argument("dir")
+    convert.add_argument("out")
+    convert.add_argument("--to", choices=("nxd", "hf"), default="nxd",
+                         help="nxd: our sharded checkpoint (default); hf: the unsharded model for from_pretrained")
+    convert.add_argument("--config", default=None,
+                         help="the model's Hugging Face config.json (or its folder): how each tensor is sharded "
+                              "(needed above TP=1; upstream files do not record it); copied into OUT with --to hf")
+    convert.add_argument("--model-key", default="model",
+                         help="key of the model's state dict in the rank files (default 'model'; '' for a bare state dict)")
+    convert.set_defaults(run=_convert)
     return parser
 
 

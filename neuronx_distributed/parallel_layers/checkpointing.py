@@ -69,7 +69,8 @@ from .resharding import (
 )
 from .sharded_source import ShardedSource, Target
 from .state_tree import TensorRef, decode, flatten
-from .unsharded import open_unsharded
+from .unsharded import load_torch_file, open_unsharded
+from .upstream_checkpoint import UpstreamCheckpoint, UpstreamSource, find_upstream_folder
 from .checkpoint_plan import RankReport, SavePlan, build_plan
 from .layouts import Layout, model_layouts
 from .utils import tensor_model_parallel_attributes
@@ -654,14 +655,36 @@ def _resolved(tree, read):
     return tree
 
 
-def _load_sharded(load_dir, model, model_key, strict, verify, placement):
-    """Check a sharded load; return (its read phase, whether that returns tensors beyond the model)."""
+def _load_sharded(load_dir, model, model_key, strict, verify, placement, load_xser=None):
+    """Check a sharded load (ours, or upstream's layout); return (its read phase, whether that returns tensors
+    beyond the model)."""
+    if find_upstream_folder(load_dir) is not None:
+        checkpoint = UpstreamCheckpoint(load_dir, load_xser)
+        layouts = model_layouts(model) if model is not None else {}
+        source = UpstreamSource(checkpoint, model_key, layouts, placement.tp_rank, placement.tp_size)
+        return _sharded_read_phase(source, source.tree, model, model_key, strict, placement, lambda entry: None)
+    if load_xser:
+        raise CheckpointArgumentError(
+            f"load_xser=True reads upstream NeuronxDistributed's xser layout, but {load_dir!r} holds none; leave "
+            "load_xser out (the layout is detected)."
+        )
     manifest = fmt.read_manifest(load_dir)
     structure_file = manifest.files[ShardedSource.source_rank_for(placement.tp_rank, manifest)]
     if verify:
         fmt.verify_file(load_dir, structure_file)
     source = ShardedSource(load_dir, manifest, placement.tp_rank, placement.tp_size)
-    tree = decode(source.structure, TensorRef)
+
+    def verify_read(entry):
+        if verify and entry != structure_file:
+            fmt.verify_file(load_dir, entry)
+
+    return _sharded_read_phase(source, decode(source.structure, TensorRef), model, model_key, strict, placement, verify_read)
+
+
+def _sharded_read_phase(source: ShardedSource, tree, model, model_key, strict, placement, verify_read):
+    """Check the load of `tree` (this rank's state, `TensorRef`s read from `source`); return (its read phase,
+    whether that returns tensors beyond the model). `verify_read(file entry)` checks each file read."""
+    load_dir, manifest = source.load_dir, source.manifest
     targets, sources, rest, layouts = None, {}, tree, {}
     if model is not None:
         model_tree = _model_state(tree, model_key, TensorRef)
@@ -685,10 +708,8 @@ def _load_sharded(load_dir, model, model_key, strict, verify, placement):
         rest = {key: value for key, value in tree.items() if key != model_key} if model_tree is not tree else {}
     rest_names = _refs(rest)
     source.check_loadable(rest_names)
-    if verify:
-        for entry in source.files_read([*sources.values(), *rest_names]):
-            if entry != structure_file:
-                fmt.verify_file(load_dir, entry)
+    for entry in source.files_read([*sources.values(), *rest_names]):
+        verify_read(entry)
 
     def read_phase():
         if targets is not None:
@@ -738,7 +759,43 @@ def _load_unsharded(path, model, model_key, strict, placement):
             lambda _, start, stop: source.read(source_key, dim, start, stop),
         )
 
-    return lambda: _copy_into(targets, sources, read), False
+    rest = _unsharded_rest(path, model_key)
+
+    def read_phase():
+        _copy_into(targets, sources, read)
+        return _owned(rest)
+
+    return read_phase, bool(_tensors_in(rest))
+
+
+def _unsharded_rest(path: str, model_key: str | None):
+    """What upstream's `load(..., sharded=False)` returns: a torch.save file's dict without its `model_key`
+    entry; None for a bare state dict, model_key=None, a safetensors file or a Hugging Face folder."""
+    if model_key is None or os.path.isdir(path) or path.endswith(".safetensors"):
+        return None
+    loaded = load_torch_file(path)
+    if not isinstance(loaded, dict) or model_key not in loaded:
+        return None
+    return {key: value for key, value in loaded.items() if key != model_key}
+
+
+def _tensors_in(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return [tensor for item in items for tensor in _tensors_in(item)]
+
+
+def _owned(tree):
+    """`tree` with each (memory-mapped) tensor copied into memory of its own, so a later write to its file cannot
+    change or fault it."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {key: _owned(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)) and not isinstance(tree, torch.Size):
+        return type(tree)(_owned(value) for value in tree)
+    return tree
 
 
 def _meta_reader(shape: list[int], dtype: torch.dtype):
@@ -806,28 +863,43 @@ class _JoinedParts:
 
 
 def load(load_dir: str, model: nn.Module | None = None, model_key: str | None = "model", sharded: bool = True,
-         strict: bool = True, verify: bool = True):
+         strict: bool = True, verify: bool = True, *, model_or_optimizer=None, load_xser: bool | None = None,
+         weights_only: bool = True):
     """Load this rank's part of a checkpoint, resharding it to the current TP degree.
 
     `sharded=True` reads a checkpoint of `save`, saved at any TP degree that the
-    current one can cut (the manifest says how). With `model`, its entries under
-    `model_key` are copied into the model and the rest of the checkpoint dict is
-    returned; without, the whole dict is returned. `sharded=False` loads a
-    torch.save file (state dict under `model_key` or bare), a safetensors file or a
-    Hugging Face model folder into `model`, each rank reading only its slices, and
-    returns None. `strict=False` skips missing and unexpected keys; `verify=False`
-    skips the checksums. Nothing in the model changes unless every rank can load:
-    every rank checks the manifest against the shard files it will read (rank,
-    save, names, dtypes, shapes; checksums unless verify=False) and the ranks
-    agree on the outcome before any of them reads into the model.
+    current one can cut (the manifest says how), or one that upstream
+    NeuronxDistributed saved (`upstream_checkpoint`: its layouts come from `model`).
+    With `model`, its entries under `model_key` are copied into the model and the
+    rest of the checkpoint dict is returned; without, the whole dict is returned.
+    `sharded=False` loads a torch.save file (state dict under `model_key` or bare), a
+    safetensors file or a Hugging Face model folder into `model`, each rank reading
+    only its slices, and returns, as upstream does, the rest of a torch.save file's
+    dict beside its `model_key` entry (None for anything else). `strict=False` skips
+    missing and unexpected keys; `verify=False` skips the checksums. Nothing in the
+    model changes unless every rank can load: every rank checks the manifest against
+    the shard files it will read (rank, save, names, dtypes, shapes; checksums unless
+    verify=False) and the ranks agree on the outcome before any of them reads into
+    the model.
+
+    Upstream's arguments: `model_or_optimizer` is upstream's name for `model`; given
+    an optimizer, its state is loaded (`load_state_dict`) from the checkpoint's
+    `model_key` entry (the whole dict with model_key=None), as saved at this TP
+    degree, and the rest is returned (None with model_key=None). `weights_only`: every
+    load here is weights-only (tensors and plain containers, never pickled objects);
+    weights_only=False raises CheckpointArgumentError instead of unpickling, unlike
+    upstream. `load_xser` chooses the layout of an upstream folder: True the xser
+    layout, False the torch.save one, None (the default) detects it.
     """
     placement = _placement()
-    read_phase, returns_tensors, error = None, False, None
+    read_phase, returns_tensors, error, optimizer = None, False, None, None
     try:
         load_dir = os.fspath(load_dir)
+        model, optimizer = _model_or_optimizer(model, model_or_optimizer, sharded)
         _check_load_arguments(model, model_key, sharded, strict, verify)
+        _check_upstream_arguments(load_xser, weights_only, sharded)
         if sharded:
-            read_phase, returns_tensors = _load_sharded(load_dir, model, model_key, strict, verify, placement)
+            read_phase, returns_tensors = _load_sharded(load_dir, model, model_key, strict, verify, placement, load_xser)
         elif model is None:
             raise CheckpointArgumentError(
                 "load(..., sharded=False) needs the model to load into: an unsharded checkpoint is sliced by the "
@@ -838,7 +910,71 @@ def load(load_dir: str, model: nn.Module | None = None, model_key: str | None = 
     except Exception as caught:  # every rank learns about it before any model changes
         error = _typed(caught, str(load_dir))
     take_turns = any(_agree(placement, error, "checking the checkpoint", returns_tensors))
-    return _in_turns(placement, read_phase, take_turns, load_dir)
+    loaded = _in_turns(placement, read_phase, take_turns, load_dir)
+    return loaded if optimizer is None else _into_optimizer(placement, optimizer, loaded, model_key, load_dir)
+
+
+def _model_or_optimizer(model, model_or_optimizer, sharded: bool) -> tuple:
+    """(model, optimizer) from `model` and upstream's `model_or_optimizer`."""
+    if model_or_optimizer is None:
+        return model, None
+    if model is not None and model is not model_or_optimizer:
+        raise CheckpointArgumentError(
+            "pass the model once: as model= or as model_or_optimizer= (upstream's name), not both."
+        )
+    if isinstance(model_or_optimizer, nn.Module):
+        return model_or_optimizer, None
+    if not callable(getattr(model_or_optimizer, "load_state_dict", None)):
+        raise CheckpointArgumentError(
+            f"model_or_optimizer must be a torch.nn.Module or an optimizer, got {type(model_or_optimizer).__name__}."
+        )
+    if not sharded:
+        raise CheckpointArgumentError(
+            "an optimizer's state loads from a sharded checkpoint (each TP rank has its own); pass sharded=True."
+        )
+    return None, model_or_optimizer
+
+
+def _into_optimizer(placement: _Placement, optimizer, loaded, model_key: str | None, load_dir: str):
+    """Load `loaded[model_key]` (all of `loaded` with model_key=None) into `optimizer`; return what upstream does:
+    the rest of the dict, or None with model_key=None."""
+    error, rest = None, None
+    try:
+        if model_key is None:
+            state = loaded
+        elif isinstance(loaded, dict) and isinstance(loaded.get(model_key), dict):
+            state, rest = loaded[model_key], {key: value for key, value in loaded.items() if key != model_key}
+        else:
+            keys = sorted(map(str, loaded)) if isinstance(loaded, dict) else type(loaded).__name__
+            raise CheckpointKeyError(
+                f"model_key {model_key!r} is not in the checkpoint at {load_dir!r} (its top-level keys: {keys}); "
+                "pass the key the optimizer's state dict was saved under (or model_key=None for the whole dict)."
+            )
+        optimizer.load_state_dict(state)
+    except NeuronxDistributedError as caught:
+        error = caught
+    except Exception as caught:  # the optimizer's own refusal (groups or sizes that differ), on every rank
+        error = CheckpointKeyError(
+            f"the optimizer state in {load_dir!r} does not fit the optimizer ({type(caught).__name__}: {caught}); "
+            "build the optimizer as it was when saved, over the same parameters and TP degree."
+        )
+    _agree(placement, error, "loading the optimizer state")
+    return rest
+
+
+def _check_upstream_arguments(load_xser, weights_only, sharded: bool) -> None:
+    if load_xser is not None and not isinstance(load_xser, bool):
+        raise CheckpointArgumentError(f"load_xser must be True, False or None (detect), got {load_xser!r:.40}.")
+    if load_xser and not sharded:
+        raise CheckpointArgumentError(
+            "load_xser=True reads an upstream checkpoint folder, which is sharded; pass sharded=True."
+        )
+    if weights_only is not True:
+        raise CheckpointArgumentError(
+            f"weights_only={weights_only!r:.40}: this library loads checkpoints weights-only (tensors and plain "
+            "containers), never unpickling other objects, since unpickling can run arbitrary code. Leave "
+            "weights_only out (or pass True); re-save a checkpoint that holds other objects with plain values."
+        )
 
 
 def _check_load_arguments(model, model_key, sharded, strict, verify) -> None:
