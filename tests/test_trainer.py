@@ -18,7 +18,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from models import MLP
+from models import MLP, expected_shard
+from safetensors import safe_open
 
 from neuronx_distributed import parallel_state
 from neuronx_distributed.errors import (
@@ -32,7 +33,7 @@ from neuronx_distributed.errors import (
     UnsupportedParallelismError,
 )
 from neuronx_distributed.optimizer import NeuronZero1Optimizer
-from neuronx_distributed.parallel_layers import all_reduce_gradients, checkpointing, clip_grad_norm
+from neuronx_distributed.parallel_layers import all_reduce_gradients, checkpoint_format, clip_grad_norm
 from neuronx_distributed.trainer import (
     NxDModel,
     NxDOptimizer,
@@ -221,14 +222,14 @@ def test_checkpoints_keep_newest_resume_exactly_and_save_async(pools, tmp_path, 
 
 
 def _failing_write_on_rank_1(monkeypatch):
-    real = checkpointing._write_rank_shard
+    real = checkpoint_format.write_shard_file
 
     def write(*args, **kwargs):
         if torch.distributed.get_rank() == 1:
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(checkpointing, "_write_rank_shard", write)
+    monkeypatch.setattr(checkpoint_format, "write_shard_file", write)
 
 
 def _case_failed_saves_keep_previous(folder: str):
@@ -308,6 +309,65 @@ def test_zero1_checkpoint_resumes_at_another_dp_size(pools, tmp_path):
     assert pools.run(2, 1, _case_zero1_save_at_dp2, folder) == [0, 1]
     assert pools.run(4, 1, _case_zero1_resume_at_other_dp, folder) == [0, 1, 2, 3]
     assert pools.run(1, 1, _case_zero1_resume_at_other_dp, folder) == [0]
+
+
+def _case_save_plain_and_zero1_tags(folder: str):
+    """Save a plain and a ZeRO-1 tag after two steps; return this rank's parameters of the plain tag (TP rank,
+    name -> (shard, partition dim or None))."""
+    for zero1 in (True, False):
+        model, optimizer, scheduler = _trainer_run(zero1)
+        _train(model, optimizer, scheduler, range(2))
+        save_checkpoint(folder, "zero1" if zero1 else "plain", model=model, optimizer=optimizer)
+    shards = {name: (param.detach().clone(), param.partition_dim if getattr(param, "tensor_model_parallel", False)
+                     else None) for name, param in model.named_parameters()}
+    return parallel_state.get_tensor_model_parallel_rank(), shards
+
+
+def _case_model_at_another_size(folder: str, full: dict):
+    model = _trainer_run(False, seed=SEED + 3)[0]
+    assert load_checkpoint(folder, tag="plain", model=model) is None
+    rank, world = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_size()
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), expected_shard(full[name], param, rank, world)), name
+    return rank
+
+
+def _stored_names(folder: str) -> list[set]:
+    """The tensor names in each TP rank's shard file of a sharded folder, and its manifest's tensor entries."""
+    with open(os.path.join(folder, "manifest.json")) as file:
+        manifest = json.load(file)
+    names = []
+    for entry in manifest["files"]:
+        with safe_open(os.path.join(folder, entry["path"]), "pt") as shard:
+            names.append(set(shard.keys()))
+    return names, manifest["tensors"]
+
+
+def test_tags_store_replicated_tensors_once_and_load_at_another_size(pools, tmp_path):
+    """The model folder follows parallel_layers.save's plan (fc2.bias, replicated, only in TP rank 0's file), and
+    so does optimizer state that is the same on every TP rank; the model loads at TP=1 x DP=2 and TP=4."""
+    folder = str(tmp_path / "ckpt")
+    results = pools.run(4, 2, _case_save_plain_and_zero1_tags, folder)
+    shards = [dict(results[0][1]), dict(results[1][1])]  # TP ranks 0 and 1 (of DP rank 0)
+    assert [rank for rank, _ in results] == [0, 1, 0, 1]
+
+    for tag in ("plain", "zero1"):
+        files, entries = _stored_names(os.path.join(folder, tag, "model"))
+        assert entries["fc2.bias"]["file"] == 0 and "file" not in entries["fc1.weight"]
+        assert "fc2.bias" in files[0] and "fc2.bias" not in files[1]
+        assert all({"fc1.weight", "fc1.bias", "fc2.weight"} <= names for names in files)
+    files, entries = _stored_names(os.path.join(folder, "plain", "optim"))
+    moments = [f"optimizer/state/{index}/{key}" for index in (3,) for key in ("exp_avg", "exp_avg_sq")]
+    assert all(entries[name]["file"] == 0 and name in files[0] and name not in files[1] for name in moments)
+    assert "file" not in entries["optimizer/state/0/exp_avg"] and "optimizer/state/0/exp_avg" in files[1]
+    for dp_rank in (0, 1):  # ZeRO-1: fc2.bias's chunk is the same on both TP ranks of each DP rank
+        files, entries = _stored_names(os.path.join(folder, "zero1", "optim", f"dp_rank_{dp_rank:02d}"))
+        assert entries["optimizer/state/3/exp_avg"]["file"] == 0 and "optimizer/state/3/exp_avg" not in files[1]
+
+    full = {name: shard if dim is None else torch.cat([shards[0][name][0], shards[1][name][0]], dim=dim)
+            for name, (shard, dim) in shards[0].items()}
+    assert pools.run(2, 1, _case_model_at_another_size, folder, full) == [0, 0]
+    assert pools.run(4, 4, _case_model_at_another_size, folder, full) == [0, 1, 2, 3]
 
 
 def _case_other_model_changes_nothing(folder: str):

@@ -4,28 +4,31 @@ Layout of `checkpoint_dir` (upstream NxD's names, our file format):
 
     newest                    JSON: the newest tag and the kept tags, oldest first
     <tag>/checkpoint.json     what the tag holds (model, optimizer kind, scheduler, user content) and its TP x DP
-    <tag>/model/              the model, a sharded checkpoint of `parallel_layers.save`'s format
+    <tag>/model/              the model, a sharded checkpoint of `parallel_layers.save`'s format and plan
     <tag>/optim/              a plain optimizer's state per TP rank, same format (written by DP rank 0)
     <tag>/optim/dp_rank_XX/   ZeRO-1: each DP rank's partition, same format
     <tag>/scheduler.json      the learning-rate scheduler's state_dict
     <tag>/user_content.json   `user_content`
 
-A save writes everything into `.saving-<tag>-<id>/` first. Once every rank has
-written its files, global rank 0 writes the manifests, renames the folder to
-`<tag>` and then replaces `newest` (write aside, fsync, rename), which is what
-makes the tag the one `load_checkpoint(tag=None)` and `has_checkpoint` find;
-only then are the tags beyond `num_kept_ckpts` removed. A save that fails on any
-rank raises on every rank and leaves the previous tags as they were; one that
-is killed leaves only its `.saving-*` folder, which nothing reads (the next
-save by rank 0 removes it).
+Before anything is written, the ranks agree on each folder's plan (`tag_plans`):
+the model's is the one `parallel_layers.save` follows, so a tensor replicated
+across TP ranks (a bias, a norm) is written once, by TP rank 0, as is optimizer
+state that is the same on every TP rank. A save writes everything into
+`.saving-<tag>-<id>/` first. Once every rank has written its files, global rank
+0 writes the manifests, renames the folder to `<tag>` and then replaces
+`newest` (write aside, fsync, rename), which is what makes the tag the one
+`load_checkpoint(tag=None)` and `has_checkpoint` find; only then are the tags
+beyond `num_kept_ckpts` removed. A save that fails on any rank raises on every
+rank and leaves the previous tags as they were; one that is killed leaves only
+its `.saving-*` folder, which nothing reads (the next save by rank 0 removes it).
 
-`async_save=True`: the state is copied to CPU memory at the call (training may
-change it right after), and a background thread writes the copy; the commit
-above happens in the next `save_checkpoint`, `load_checkpoint` or
-`finalize_checkpoint` (collectives of this thread only, so the background
-thread never races training's collectives), which also raise that save's
-error on every rank. A process that exits without `finalize_checkpoint` leaves
-its last async save invisible, never partial.
+`async_save=True`: the state is copied to CPU memory and the plans are agreed at
+the call (training may change the state right after), and a background thread
+writes the copy; the commit above happens in the next `save_checkpoint`,
+`load_checkpoint` or `finalize_checkpoint` (collectives of this thread only, so
+the background thread never races training's collectives), which also raise
+that save's error on every rank. A process that exits without
+`finalize_checkpoint` leaves its last async save invisible, never partial.
 
 No pickle: tensors in safetensors, scheduler state and user content as JSON
 (anything JSON cannot hold raises UnsafeCheckpointError, naming where it is).
@@ -65,10 +68,13 @@ from ..errors import (
     UnsafeCheckpointError,
 )
 from ..optimizer import NeuronZero1Optimizer
+from ..parallel_layers import checkpoint_format as fmt
 from ..parallel_layers import checkpointing, parallel_state
+from ..parallel_layers.checkpoint_plan import SavePlan
 from ..parallel_layers.state_tree import decode, flatten
 from ..parallel_layers.utils import copy_tensor_model_parallel_attributes
 from .optimizer import NxDOptimizer
+from .tag_plans import FolderWrite, agree_plans
 
 FORMAT = "neuronx_distributed.trainer_checkpoint/1"
 RECORD = "newest"
@@ -88,8 +94,9 @@ class _Save:
     save_id: str
     num_kept: int | None
     marker: dict
-    writes: dict  # folder inside the tag -> snapshot state this rank writes there
+    writes: dict[str, FolderWrite]  # folder inside the tag -> what this rank writes there
     texts: dict  # file inside the tag -> JSON text (global rank 0 only)
+    plans: dict[str, SavePlan] = field(default_factory=dict)  # every folder of the tag, the same on every rank
     reports: dict = field(default_factory=dict)
     error: BaseException | None = None
     thread: threading.Thread | None = None
@@ -104,9 +111,8 @@ class _Save:
                 path = os.path.join(self.staging, relative)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 replace_with_text(path, text, path + ".tmp")
-            for folder, state in self.writes.items():
-                path = os.path.join(self.staging, folder)
-                self.reports[folder] = checkpointing._write_rank_shard(state, path, None, placement, self.save_id)
+            for folder, part in self.writes.items():
+                self.reports[folder] = part.write(os.path.join(self.staging, folder), placement.tp_rank, self.save_id)
         except BaseException as error:  # noqa: BLE001 - reported to every rank at the commit
             self.error = checkpointing._as_save_error(error, self.checkpoint_dir) if isinstance(error, Exception) else error
         finally:
@@ -178,7 +184,7 @@ def save_checkpoint(
             "scheduler": scheduler is not None, "user_content": user_content is not None,
             "tensor_parallel_size": placement.tp_size, "data_parallel_size": _data_parallel_size(),
         }
-        writes, texts = _rank_writes(model, optimizer, optimizer_kind, placement)
+        snapshots, texts = _rank_writes(model, optimizer, optimizer_kind, placement)
         if _world_rank() == 0:
             if scheduler is not None:
                 texts[SCHEDULER_FILE] = _json_text(_state_dict_of(scheduler, "scheduler"), "the scheduler's state_dict")
@@ -186,10 +192,13 @@ def save_checkpoint(
                 texts[USER_CONTENT_FILE] = _json_text(user_content, "user_content")
             texts[MARKER] = json.dumps(marker, indent=1)
             _check_new_tag(checkpoint_dir, tag)
-        save = _Save(checkpoint_dir, tag, "", num_kept_ckpts, marker, writes, texts)
+        save = _Save(checkpoint_dir, tag, "", num_kept_ckpts, marker, {}, texts)
     except Exception as caught:  # every rank learns about it below
         error = checkpointing._typed(caught, str(checkpoint_dir_str))
     checkpointing._agree(placement, error, f"saving checkpoint tag {tag!r}")
+    save.plans, save.writes = agree_plans(snapshots, MODEL_FOLDER, model is not None,
+                                          model if isinstance(model, nn.Module) else None, placement)
+    del snapshots  # what this rank does not write goes now
     save.save_id = _broadcast(uuid.uuid4().hex if _world_rank() == 0 else None)
     if async_save:
         save.thread = threading.Thread(target=save.write, args=(placement,), name="nxd-checkpoint-save", daemon=True)
@@ -215,7 +224,7 @@ def _commit(save: _Save, placement) -> None:
     reports = _all_gather((local, placement.tp_rank, save.reports))
     failure = None
     if _world_rank() == 0:
-        failure = _publish(save, reports, placement.tp_size)
+        failure = _publish(save, reports)
     failure = _broadcast(failure)
     if save.error is not None:
         raise save.error
@@ -223,7 +232,7 @@ def _commit(save: _Save, placement) -> None:
         raise CheckpointSaveError(failure)
 
 
-def _publish(save: _Save, reports: list, tp_size: int) -> str | None:
+def _publish(save: _Save, reports: list) -> str | None:
     """Rank 0's part of the commit; returns why the save failed, or None once the tag is the newest."""
     failed = [f"rank {rank}: {error}" for rank, (error, _, _) in enumerate(reports) if error]
     try:
@@ -231,14 +240,14 @@ def _publish(save: _Save, reports: list, tp_size: int) -> str | None:
             raise CheckpointSaveError(
                 f"saving tag {save.tag!r} in {save.checkpoint_dir!r} failed, so the previous tags are kept: {'; '.join(failed)}"
             )
-        by_folder: dict[str, list] = {}
+        tp_size = save.marker["tensor_parallel_size"]
+        files = {folder: [None] * tp_size for folder in save.plans}
         for _, tp_rank, written in reports:
-            for folder, report in written.items():
-                by_folder.setdefault(folder, [None] * tp_size)[tp_rank] = ("ok", report)
-        for folder, folder_reports in by_folder.items():
-            _, problem = checkpointing._commit(os.path.join(save.staging, folder), save.save_id, folder_reports, tp_size)
-            if problem is not None:
-                raise problem
+            for folder, file_entry in written.items():
+                files[folder][tp_rank] = file_entry
+        for folder, plan in save.plans.items():  # every TP rank wrote its file of each folder: none failed
+            manifest = fmt.Manifest(tp_size, save.save_id, plan.model_key, files[folder], plan.tensors)
+            fmt.write_manifest(os.path.join(save.staging, folder), manifest)
         final = os.path.join(save.checkpoint_dir, save.tag)
         os.rename(save.staging, final)
         fsync_path(save.checkpoint_dir)
@@ -274,11 +283,13 @@ def _rank_writes(model, optimizer, optimizer_kind, placement) -> tuple[dict, dic
 
 
 def _snapshot(tree, memo: dict | None = None):
-    """A CPU copy of every tensor in `tree` (same structure, TP attributes and ties kept)."""
+    """A CPU copy of every tensor in `tree` (same structure, TP attributes and ties kept), contiguous and
+    each in memory of its own as shard files want it."""
     memo = {} if memo is None else memo
     if isinstance(tree, torch.Tensor):
         if id(tree) not in memo:
-            copy = tree.detach().to("cpu", copy=True)
+            dense = tree.layout == torch.strided  # a sparse one is copied as is, and refused by the plan
+            copy = tree.detach().to("cpu", copy=True, memory_format=torch.contiguous_format if dense else torch.preserve_format)
             copy_tensor_model_parallel_attributes(copy, tree)
             memo[id(tree)] = copy
         return memo[id(tree)]
