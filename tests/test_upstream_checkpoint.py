@@ -430,6 +430,13 @@ def test_convert_then_load_and_from_pretrained(pools, llama_upstream, tmp_path, 
         manifest = json.load(file)
     assert manifest["tensor_parallel_size"] == 2
     assert manifest["tensors"]["model/model.layers.0.mlp.down_proj.weight"]["partition_dim"] == 1
+    # Written through the save plan: the replicated norms once, in TP rank 0's file; the shards in each rank's.
+    stored = [load_file(os.path.join(ours, entry["path"])).keys() for entry in manifest["files"]]
+    norms = [name for name in manifest["tensors"] if name.endswith("norm.weight")]
+    assert len(norms) == 5 and all(manifest["tensors"][name]["file"] == 0 for name in norms)
+    assert all(name in stored[0] and name not in stored[1] for name in norms)
+    assert all("model/model.layers.0.mlp.down_proj.weight" in names for names in stored)
+    assert "file" not in manifest["tensors"]["model/model.layers.0.mlp.down_proj.weight"]
     for world in (1, 2, 4):  # TP=4: the 2 KV heads are replicated, resharded through the logical tensor
         assert pools.run(world, world, _case_load_llama, ours, full)[0] == {"step": 3}
     pools.run(4, 4, _case_load_llama, root, full)  # the upstream folder directly, into a parallelized model
@@ -465,3 +472,12 @@ def test_convert_refuses_a_layout_that_does_not_fit(llama_upstream, tmp_path, ca
     torch.save(state, path)
     assert nxd(["checkpoint", "convert", differs, str(tmp_path / "ours"), "--config", str(config.parent / "llama")]) == 2
     assert "model/model.norm.weight" in capsys.readouterr().err and not os.path.exists(tmp_path / "ours")
+    lacking = _one_rank_copy(root, str(tmp_path / "lacking"))  # TP rank 1's file without a replicated norm
+    path = os.path.join(_rank_folder(lacking, 1), "checkpoint.pt")
+    state = torch.load(path, weights_only=True)
+    del state["model"]["model.norm.weight"]
+    torch.save(state, path)
+    assert nxd(["checkpoint", "convert", lacking, str(tmp_path / "ours"), "--config", str(config.parent / "llama")]) == 2
+    message = capsys.readouterr().err
+    assert "TP rank 1's file lacks the model's ['model/model.norm.weight']" in message
+    assert not os.path.exists(tmp_path / "ours")

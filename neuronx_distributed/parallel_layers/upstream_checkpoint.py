@@ -32,7 +32,8 @@ import contextlib
 import os
 import re
 import uuid
-from dataclasses import asdict
+import zlib
+from dataclasses import asdict, replace
 
 import torch
 from tqdm import tqdm
@@ -51,6 +52,7 @@ from ..errors import (
     UnsupportedParallelismError,
 )
 from . import checkpoint_format as fmt
+from .checkpoint_plan import RankReport, SavePlan, build_plan
 from .layouts import Layout
 from .resharding import logical_parts, logical_size
 from .sharded_source import ShardedSource
@@ -404,19 +406,59 @@ def hf_config_layouts(config_path: str, tensor_parallel_size: int, shapes: dict[
     return layouts
 
 
-def _check_replicated_agree(checkpoint: UpstreamCheckpoint, source: UpstreamSource) -> None:
-    """Raise ReplicatedMismatchError unless each of the model's replicated tensors is the same in every rank file."""
-    first = checkpoint.rank(0)[1]
-    model_names = {ref.name for ref in _model_state(checkpoint.rank(0)[0], source.manifest.model_key).values()
-                   if isinstance(ref, TensorRef)}
-    for rank in range(1, checkpoint.tensor_parallel_size):
+def _fingerprint(tensor: torch.Tensor) -> str:
+    """crc32 of a tensor's bytes (in row-major order)."""
+    return f"{zlib.crc32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()):08x}"
+
+
+def _check_rank_files(flats: list, entries: dict[str, fmt.TensorEntry], model_names: set[str]) -> None:
+    """CheckpointCorruptError unless every rank file holds the model's tensors and only tensors of TP rank 0's."""
+    for rank, flat in enumerate(flats):
+        unknown, missing = sorted(set(flat.tensors) - set(entries)), sorted(model_names - set(flat.tensors))
+        if unknown:
+            raise CheckpointCorruptError(
+                f"TP rank {rank}'s file holds {unknown[:5]}, which TP rank 0's lacks; the rank files do not belong "
+                "to one checkpoint."
+            )
+        if missing:
+            raise CheckpointCorruptError(
+                f"TP rank {rank}'s file lacks the model's {missing[:5]}, which TP rank 0's holds; the rank files do "
+                "not belong to one checkpoint."
+            )
+
+
+def _replicated_fingerprints(checkpoint: UpstreamCheckpoint, names: list[str]) -> list[dict[str, str]]:
+    """Per rank file, name -> crc32 of each of the model's replicated tensors `names`; ReplicatedMismatchError
+    unless they are the same in every rank file."""
+    fingerprints = []
+    for rank in range(checkpoint.tensor_parallel_size):
         tensors = checkpoint.rank(rank)[1]
-        for name in sorted(model_names):
-            if source.manifest.tensors[name].layout == fmt.REPLICATED and not torch.equal(tensors[name], first[name]):
+        fingerprints.append({name: _fingerprint(tensors[name]) for name in names})
+        for name, crc in fingerprints[rank].items():
+            if crc != fingerprints[0][name]:
                 raise ReplicatedMismatchError(
                     f"model tensor '{name}' is replicated in the model's layout but TP rank {rank}'s file holds another "
                     "value than TP rank 0's: the layout given (--config) is not the one the checkpoint was saved with."
                 )
+    return fingerprints
+
+
+def _plan(flats: list, entries: dict[str, fmt.TensorEntry], model_names: set[str],
+          fingerprints: list[dict[str, str]]) -> SavePlan:
+    """The save plan of the rank files' tensors (`flats`, one per TP rank), as `parallel_layers.save` plans
+    them: `entries` (the whole tensors) give each rank's shard; the model's replicated tensors (crc32s in
+    `fingerprints`, the same in every file) are written once, by TP rank 0; everything else by each rank."""
+    world = len(flats)
+
+    def local(entry: fmt.TensorEntry) -> fmt.TensorEntry:
+        if entry.layout != fmt.SHARDED:
+            return entry
+        shape = list(entry.shape)
+        shape[entry.partition_dim] //= world
+        return replace(entry, shape=shape)
+
+    return build_plan([RankReport(rank, {name: local(entries[name]) for name in flat.tensors}, fingerprints[rank],
+                                  frozenset(model_names)) for rank, flat in enumerate(flats)])
 
 
 def convert(load_dir: str, out_dir: str, layouts: dict[str, Layout], model_key: str | None = "model",
@@ -425,9 +467,11 @@ def convert(load_dir: str, out_dir: str, layouts: dict[str, Layout], model_key: 
     TP degree, the model's tensors sharded as `layouts` say; return its manifest.
 
     Every argument and file is checked before anything is written (the model's
-    replicated tensors must agree across the rank files); the manifest is written
-    last, so a checkpoint already in `out_dir` stays the one that loads until the
-    new one is complete, and a failed run removes the files it wrote.
+    replicated tensors must agree across the rank files), and the files follow the
+    plan of `parallel_layers.save` (`checkpoint_plan`): the model's replicated tensors
+    are written once, into TP rank 0's file. The manifest is written last, so a
+    checkpoint already in `out_dir` stays the one that loads until the new one is
+    complete, and a failed run removes the files it wrote.
     """
     from .checkpoint_tools import check_output_folder
 
@@ -437,33 +481,31 @@ def convert(load_dir: str, out_dir: str, layouts: dict[str, Layout], model_key: 
     sources = [UpstreamSource(checkpoint, model_key, layouts, rank, world) for rank in range(world)]
     for source in sources:
         source.check_loadable(list(checkpoint.rank(source.rank)[1]))
-    _check_replicated_agree(checkpoint, sources[0])
+    entries = sources[0].manifest.tensors
+    model_names = {ref.name for ref in _model_state(checkpoint.rank(0)[0], model_key).values()
+                   if isinstance(ref, TensorRef)}
+    flats = [flatten(checkpoint.state(rank)) for rank in range(world)]
+    _check_rank_files(flats, entries, model_names)
+    replicated = sorted(name for name in model_names if entries[name].layout == fmt.REPLICATED and world > 1)
+    plan = _plan(flats, entries, model_names, _replicated_fingerprints(checkpoint, replicated))
     first = checkpoint.state(0)
     saved_key = model_key if isinstance(first, dict) and isinstance(first.get(model_key), dict) else None
-    save_id, files, entries = uuid.uuid4().hex, [], {}
+    save_id, files = uuid.uuid4().hex, []
     os.makedirs(out_dir, exist_ok=True)
     try:
         with folder_lock.locked(out_dir, fmt.SAVE_LOCK_NAME):
             try:
                 with tqdm(total=world, unit="rank", desc="convert", disable=not progress) as bar:
-                    for rank in range(world):
-                        flat = flatten(checkpoint.state(rank))
-                        unknown = sorted(set(flat.tensors) - set(sources[0].manifest.tensors))
-                        if unknown:
-                            raise CheckpointCorruptError(
-                                f"TP rank {rank}'s file holds {unknown[:5]}, which TP rank 0's lacks; the rank files "
-                                "do not belong to one checkpoint."
-                            )
-                        entries.update({name: sources[0].manifest.tensors[name] for name in flat.tensors})
+                    for rank, flat in enumerate(flats):
                         tensors, storages = {}, set()
-                        for name, tensor in flat.tensors.items():  # safetensors refuses tensors sharing memory
-                            tensor = tensor.contiguous()
+                        for name in plan.files[rank]:  # safetensors refuses tensors sharing memory
+                            tensor = flat.tensors[name].contiguous()
                             pointer = tensor.untyped_storage().data_ptr()
                             tensors[name] = tensor.clone() if pointer in storages else tensor
                             storages.add(pointer)
                         files.append(fmt.write_shard_file(out_dir, rank, save_id, tensors, flat.structure))
                         bar.update()
-                manifest = fmt.Manifest(world, save_id, saved_key, files, entries)
+                manifest = fmt.Manifest(world, save_id, saved_key, files, plan.tensors)
                 fmt.write_manifest(out_dir, manifest)
             except BaseException:
                 for rank in range(world):
