@@ -3,8 +3,8 @@
 Two TP=2 models of the pretrained MiniLM:
   parallelize   `tp_plan.parallelize(model)` with its BERT plan: attention and MLP sharded
                 (two all-reduces per layer, one for the vocabulary-parallel embedding)
-  tutorial      the inference tutorial's model: only the attention sharded, so every rank
-                computes the whole MLP (about 60% of a layer's multiply-adds) itself
+  tutorial      the inference tutorial's model: the seed's attention swaps plus the MLP as a
+                Column and a Row layer (two all-reduces per layer, the embedding replicated)
 Columns, ms per call:
   untraced      the Hugging Face model in this process, all cores
   eager         the TP=2 model called inside its 2 worker processes (1 call = both ranks)

