@@ -54,6 +54,7 @@ from ..errors import (
 from . import checkpoint_format as fmt
 from .checkpoint_plan import RankReport, SavePlan, build_plan
 from .layouts import Layout
+from .model_state import find_model_state
 from .resharding import logical_parts, logical_size
 from .sharded_source import ShardedSource
 from .state_tree import TensorRef, flatten
@@ -209,21 +210,10 @@ class UpstreamCheckpoint:
         return self._trees[tp_rank]
 
 
-def _model_state(tree, model_key: str | None) -> dict:
-    """The model's state dict in `tree` (as `checkpointing._model_state` finds it), or {}."""
-    if not isinstance(tree, dict):
-        return {}
-    if model_key is not None and isinstance(tree.get(model_key), dict):
-        return tree[model_key]
-    if tree and all(isinstance(value, TensorRef) for value in tree.values()):
-        return tree
-    return {}
-
-
 def model_shapes(checkpoint: UpstreamCheckpoint, model_key: str | None) -> dict[str, list[int]]:
     """Key -> shape (TP rank 0's shard) of the model's state dict in TP rank 0's file."""
     tree, tensors = checkpoint.rank(0)
-    model = _model_state(tree, model_key)
+    model = find_model_state(tree, model_key, TensorRef)
     if not model:
         keys = sorted(map(str, tree))[:20] if isinstance(tree, dict) else type(tree).__name__
         raise CheckpointKeyError(
@@ -272,7 +262,7 @@ class UpstreamSource(ShardedSource):
         self.source_world = checkpoint.tensor_parallel_size
         self.source_rank = rank if rank < self.source_world else 0
         first, first_tensors = checkpoint.rank(0)
-        model_tree = _model_state(first, model_key)
+        model_tree = find_model_state(first, model_key, TensorRef) or {}
         model_names = {ref.name: key for key, ref in model_tree.items() if isinstance(ref, TensorRef)}
         entries = {}
         for name, tensor in first_tensors.items():
@@ -482,8 +472,8 @@ def convert(load_dir: str, out_dir: str, layouts: dict[str, Layout], model_key: 
     for source in sources:
         source.check_loadable(list(checkpoint.rank(source.rank)[1]))
     entries = sources[0].manifest.tensors
-    model_names = {ref.name for ref in _model_state(checkpoint.rank(0)[0], model_key).values()
-                   if isinstance(ref, TensorRef)}
+    model_tree = find_model_state(checkpoint.rank(0)[0], model_key, TensorRef) or {}
+    model_names = {ref.name for ref in model_tree.values() if isinstance(ref, TensorRef)}
     flats = [flatten(checkpoint.state(rank)) for rank in range(world)]
     _check_rank_files(flats, entries, model_names)
     replicated = sorted(name for name in model_names if entries[name].layout == fmt.REPLICATED and world > 1)
