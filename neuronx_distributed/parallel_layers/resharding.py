@@ -130,6 +130,10 @@ def parts_pieces(
 
     Both sides must hold the same logical tensor (`logical_size` equal).
     """
+    if not replicated(source_parts) and not replicated(target_parts) and \
+            [part.size for part in source_parts] == [part.size for part in target_parts] and \
+            all(part.size % source_world == 0 and part.size % target_world == 0 for part in source_parts):
+        return _plain_pieces([part.size for part in source_parts], source_world, target_rank, target_world)
     stored_size = sum(part.size for part in source_parts)
     owner = torch.empty(stored_size, dtype=torch.long)
     position = torch.empty(stored_size, dtype=torch.long)
@@ -138,12 +142,33 @@ def parts_pieces(
         owner[held] = rank
         position[held] = torch.arange(held.numel())
     wanted = first_copies(source_parts)[local_logical_rows(target_parts, target_rank, target_world)]
+    ranks, rows = owner[wanted], position[wanted]
+    if not len(rows):
+        return []
+    # A piece ends where the next row comes from another rank or is not the next row of the same shard.
+    ends = torch.nonzero((ranks[1:] != ranks[:-1]) | (rows[1:] != rows[:-1] + 1)).flatten() + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), ends])
+    ends = torch.cat([ends, torch.tensor([len(rows)])])
+    return list(zip(ranks[starts].tolist(), rows[starts].tolist(), (rows[ends - 1] + 1).tolist()))
+
+
+def _plain_pieces(sizes: list[int], source_world: int, target_rank: int, target_world: int) -> list[tuple[int, int, int]]:
+    """`parts_pieces` where both sides are the same unreplicated parts of `sizes` rows: by interval arithmetic."""
     pieces: list[tuple[int, int, int]] = []
-    for rank, at in zip(owner[wanted].tolist(), position[wanted].tolist()):
-        if pieces and pieces[-1][0] == rank and pieces[-1][2] == at:
-            pieces[-1] = (rank, pieces[-1][1], at + 1)
-        else:
-            pieces.append((rank, at, at + 1))
+    held_before = 0  # rows of the earlier parts in each source shard
+    for size in sizes:
+        per_source, per_target = size // source_world, size // target_world
+        first, end = target_rank * per_target, (target_rank + 1) * per_target
+        while first < end:
+            rank = first // per_source
+            stop = min(end, (rank + 1) * per_source)
+            start_at = held_before + first - rank * per_source
+            if pieces and pieces[-1][0] == rank and pieces[-1][2] == start_at:
+                pieces[-1] = (rank, pieces[-1][1], start_at + stop - first)
+            else:
+                pieces.append((rank, start_at, start_at + stop - first))
+            first = stop
+        held_before += per_source
     return pieces
 
 
