@@ -231,7 +231,7 @@ def _case_read_order(save_dir: str, model_only_dir: str, rendezvous: str):
     from neuronx_distributed.parallel_layers.sharded_source import ShardedSource
 
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    read, times, waited = ShardedSource.read, [], []
+    read, read_into, times, waited = ShardedSource.read, ShardedSource.read_into, [], []
 
     def timed_read(self, name):
         times.append(time.monotonic())
@@ -240,7 +240,7 @@ def _case_read_order(save_dir: str, model_only_dir: str, rendezvous: str):
         times.append(time.monotonic())
         return tensor
 
-    def read_once_all_are_reading(self, name):
+    def read_once_all_are_reading(self, out, name, target=None):
         if not waited:
             open(os.path.join(rendezvous, str(rank)), "w").close()
             deadline = time.monotonic() + 20
@@ -248,7 +248,7 @@ def _case_read_order(save_dir: str, model_only_dir: str, rendezvous: str):
                 assert time.monotonic() < deadline, f"only ranks {sorted(os.listdir(rendezvous))} of {world} read at once"
                 time.sleep(0.01)
             waited.append(True)
-        return read(self, name)
+        read_into(self, out, name, target)
 
     try:
         ShardedSource.read = timed_read
@@ -257,11 +257,12 @@ def _case_read_order(save_dir: str, model_only_dir: str, rendezvous: str):
         torch.manual_seed(SEED)
         model = Net(parallel=True)
         save(model.state_dict(), model_only_dir)
-        ShardedSource.read = read_once_all_are_reading
+        ShardedSource.read_into = read_once_all_are_reading
         load(model_only_dir, model=model)
+        assert waited, "the load into the model did not read through ShardedSource.read_into"
         return span
     finally:
-        ShardedSource.read = read
+        ShardedSource.read, ShardedSource.read_into = read, read_into
 
 
 def test_loads_that_hold_a_shard_take_turns(pools, saved, tmp_path):

@@ -713,7 +713,9 @@ def _sharded_read_phase(source: ShardedSource, tree, model, model_key, strict, p
 
     def read_phase():
         if targets is not None:
-            _copy_into(targets, sources, lambda name: source.read(name, layouts[name]) if name in layouts else source.read(name))
+            with torch.no_grad():
+                for key, name in sources.items():  # straight from the mapped shards into the model's tensors
+                    source.read_into(targets[key], name, layouts.get(name))
         return _resolved(rest, source.read)
 
     return read_phase, bool(rest_names)

@@ -5,20 +5,24 @@ rank needs (`resharding`), in the saved layout (its parts and replicated blocks)
 or in a `Target` layout that the model's parameter declares; replicated and
 per-rank values, and the state structure, come from the source rank with the
 target's index when there is one, else from TP rank 0. Every shard file is
-checked against the manifest (`checkpoint_format.check_shard_file`) before
-safetensors opens it.
+checked against the manifest (`checkpoint_format.check_shard_file`) before it is
+read; reads are views of the memory-mapped file at the offsets that check
+validated, copied once, into the caller's tensor with `read_into`.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 
 from ..errors import CheckpointCorruptError, CheckpointShapeError, ReshardError
 from . import checkpoint_format as fmt
-from .resharding import Part, check_divisible, check_parts, logical_size, parts_pieces, read_pieces
+from .resharding import Part, check_divisible, check_parts, logical_size, parts_pieces
 from .state_tree import tensor_names
 
 
@@ -47,6 +51,7 @@ class ShardedSource:
         self.source_world = manifest.tensor_parallel_size
         self.source_rank = self.source_rank_for(rank, manifest)
         self._checked: dict[int, fmt.ShardFile] = {}
+        self._mapped: dict[int, mmap.mmap] = {}  # saved TP rank -> its shard file, mapped on first read
         self.structure = self.check_file(self.source_rank).structure
 
     def check_file(self, source_rank: int) -> fmt.ShardFile:
@@ -120,19 +125,112 @@ class ShardedSource:
         return [self.manifest.files[rank] for rank in self._ranks_read(names)]
 
     def read(self, name: str, target: Target | None = None) -> torch.Tensor:
-        """This rank's tensor `name` (in `target`'s layout when given), cut from the source shards."""
+        """This rank's tensor `name` (in `target`'s layout when given), cut from the source shards: a new tensor."""
+        dim, pieces = self.pieces(name, target)
+        out = torch.empty(self._read_shape(name, target, dim, pieces), dtype=getattr(torch, self.manifest.tensors[name].dtype))
+        self.read_into(out, name, target)
+        return out
+
+    def read_into(self, out: torch.Tensor, name: str, target: Target | None = None) -> None:
+        """Copy what `read(name, target)` returns into `out` (cast to its dtype and device), piece by piece: no
+        intermediate tensor. A piece that lies in one run of a shard file's bytes and lands in a contiguous CPU
+        region of `out` of the file's dtype is read from the file straight into that region; any other piece is
+        copied from the mapped file. Raises CheckpointShapeError unless `out` has the shape that `read` returns."""
+        dim, pieces = self.pieces(name, target)
+        shape = self._read_shape(name, target, dim, pieces)
+        if list(out.shape) != shape:
+            raise CheckpointShapeError(
+                f"'{name}' is {shape} on this rank but the tensor to load it into is {list(out.shape)}; build the "
+                "model with the sizes it was saved with."
+            )
+        at = 0
+        for source, start, stop in pieces:
+            region = out if dim is None else out.narrow(dim, at, stop - start)
+            if not self._read_run_into(region, source, name, dim, start, stop):
+                region.copy_(self._read_piece(source, name, dim, start, stop))
+            at += stop - start
+
+    def _read_shape(self, name: str, target: Target | None, dim: int | None, pieces) -> list[int]:
+        """The shape of what `read(name, target)` returns, made of `pieces` (see `pieces`): a whole saved tensor's
+        shape in the file that holds it (per-rank values may differ in shape between files), else `local_shape`."""
+        if dim is not None:
+            return self.local_shape(name, target)
+        shard = self.check_file(pieces[0][0])
+        if isinstance(shard, fmt.ShardFile):
+            return list(shard.spans[name][1])
+        return list(self._read_piece(pieces[0][0], name, None, 0, 0).shape)
+
+    def views(self, name: str, target: Target | None = None) -> tuple[int | None, list[torch.Tensor]]:
+        """What `read(name, target)` is made of: (partition dim, the pieces to concatenate along it), or
+        (None, [the whole tensor]); views of the mapped files (each keeps its file mapped), not copies."""
+        dim, pieces = self.pieces(name, target)
+        return dim, [self._read_piece(source, name, dim, start, stop) for source, start, stop in pieces]
+
+    def pieces(self, name: str, target: Target | None = None) -> tuple[int | None, list[tuple[int, int, int]]]:
+        """Where `read(name, target)` comes from: (partition dim, [(saved TP rank, first row, end row)] to
+        concatenate along it), or (None, [(saved TP rank, 0, 0)]) for a whole saved tensor."""
         entry = self.manifest.tensors[name]
         if entry.layout != fmt.SHARDED:
-            return self._read_piece(fmt.file_holding(entry, self.source_rank), name, None, 0, 0)
+            return None, [(fmt.file_holding(entry, self.source_rank), 0, 0)]
         saved, target = entry.row_parts(), target or self.target(name)
         if (target.parts, target.rank, target.world_size) == (saved, self.source_rank, self.source_world):
-            return self._read_piece(self.source_rank, name, None, 0, 0)
-        dim = entry.partition_dim
-        pieces = parts_pieces(saved, self.source_world, target.parts, target.rank, target.world_size)
-        return read_pieces(pieces, dim, lambda source, start, stop: self._read_piece(source, name, dim, start, stop))
+            return None, [(self.source_rank, 0, 0)]
+        return entry.partition_dim, parts_pieces(saved, self.source_world, target.parts, target.rank, target.world_size)
+
+    def byte_run(self, source: int, name: str, dim: int | None, start: int, stop: int) -> tuple[str, int, int] | None:
+        """(file path, offset, length) of rows start:stop along `dim` (all when None) of saved TP rank `source`'s
+        tensor `name` when they are one run of bytes in its shard file (a whole tensor, rows along its first
+        dim that is not 1); None when they are strided."""
+        shard = self.check_file(source)
+        if not isinstance(shard, fmt.ShardFile):
+            return None
+        dtype, shape, offset = shard.spans[name]
+        if dim is None:
+            return shard.path, offset, math.prod(shape) * dtype.itemsize
+        if math.prod(shape[:dim]) != 1:
+            return None
+        row_bytes = math.prod(shape[dim + 1:]) * dtype.itemsize
+        return shard.path, offset + start * row_bytes, (stop - start) * row_bytes
+
+    def _read_run_into(self, region: torch.Tensor, source: int, name: str, dim: int | None, start: int, stop: int) -> bool:
+        """Read the piece from its shard file straight into `region` when the piece is one run of the file's bytes
+        and `region` a contiguous CPU tensor of the file's dtype; return whether it did."""
+        shard = self.check_file(source)
+        if not isinstance(shard, fmt.ShardFile) or region.device.type != "cpu" or not region.is_contiguous() \
+                or region.dtype != shard.spans[name][0]:
+            return False
+        run = self.byte_run(source, name, dim, start, stop)
+        if run is None:
+            return False
+        path, offset, length = run
+        if length:
+            with open(path, "rb", buffering=0) as file:
+                _pread_exactly(file.fileno(), region.detach().reshape(-1).view(torch.uint8).numpy(), offset, path)
+        return True
 
     def _read_piece(self, source: int, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
-        with safe_open(self.check_file(source).path, framework="pt") as file:
-            if dim is None:
-                return file.get_tensor(name)
-            return file.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)].contiguous()
+        """Rows start:stop along `dim` (all of it when `dim` is None) of saved TP rank `source`'s tensor `name`:
+        a view of the memory-mapped file, not a copy."""
+        shard = self.check_file(source)
+        dtype, shape, offset = shard.spans[name]
+        count = math.prod(shape)
+        if count == 0:
+            tensor = torch.empty(shape, dtype=dtype)
+        else:
+            if source not in self._mapped:
+                with open(shard.path, "rb") as file:
+                    self._mapped[source] = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            with warnings.catch_warnings():  # read-only memory: the views are only ever read from
+                warnings.filterwarnings("ignore", "The given buffer is not writable")
+                tensor = torch.frombuffer(self._mapped[source], dtype=dtype, count=count, offset=offset).view(shape)
+        return tensor if dim is None else tensor.narrow(dim, start, stop - start)
+
+
+def _pread_exactly(fd: int, buffer, offset: int, path: str) -> None:
+    """Fill `buffer` with the file's bytes from `offset`; CheckpointCorruptError if the file ends first."""
+    view = memoryview(buffer).cast("B")
+    while len(view):
+        count = os.preadv(fd, [view], offset)
+        if not count:
+            raise CheckpointCorruptError(f"{path} ended while reading it: it changed after it was checked; load again.")
+        view, offset = view[count:], offset + count
