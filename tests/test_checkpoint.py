@@ -507,12 +507,14 @@ def test_merge_over_an_earlier_merge(saved, tmp_path, monkeypatch):
     earlier = {name: (tmp_path / "merged" / name).read_bytes() for name in os.listdir(out)}
     assert "model.safetensors.index.json" in earlier
 
-    def disk_full_on_the_second_file(tensors, path, metadata):
+    write = checkpoint_tools._write_merged
+
+    def disk_full_on_the_second_file(path, **arguments):
         if any(name.endswith(".tmp") for name in os.listdir(out)):
             raise OSError(28, "No space left on device")
-        save_file(tensors, path, metadata=metadata)
+        write(path, **arguments)
 
-    monkeypatch.setattr(checkpoint_tools, "save_file", disk_full_on_the_second_file)
+    monkeypatch.setattr(checkpoint_tools, "_write_merged", disk_full_on_the_second_file)
     with pytest.raises(OSError, match="No space"):
         checkpoint_tools.merge(saved[4], out, max_shard_bytes=4096)
     assert {name: (tmp_path / "merged" / name).read_bytes() for name in os.listdir(out)} == earlier

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
+import struct
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .. import folder_lock
@@ -41,6 +43,7 @@ from .sharded_source import ShardedSource, Target, check_entry_divisible
 from .state_tree import TensorRef, decode
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+_WRITE_BUFFER_BYTES = 64 * 1024**2
 _MERGED_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.tmp)?$|^model\.safetensors\.index\.json(\.tmp)?$")
 _CHECKPOINT_ENTRY = re.compile(r"^manifest\.json(\.[0-9a-f]+\.tmp)?$|^tp_rank_\d+$")
 
@@ -49,9 +52,37 @@ def verify(load_dir: str, progress: bool = False) -> fmt.Manifest:
     """Check every shard file against the manifest (header, rank, save, checksum) and the files against
     each other (the same replicated tensors everywhere); return the manifest."""
     manifest = fmt.read_manifest(load_dir)
-    with tqdm(total=sum(f.bytes for f in manifest.files), unit="B", unit_scale=True, desc="verify", disable=not progress) as bar:
-        for entry in manifest.files:
-            fmt.verify_file(load_dir, entry, bar.update)
+    with _checksums(load_dir, manifest, progress) as checksums:
+        _raise_first(checksums)
+    _check_structure(load_dir, manifest)
+    return manifest
+
+
+@contextlib.contextmanager
+def _checksums(load_dir: str, manifest: fmt.Manifest, progress: bool):
+    """Check the files' checksums in the background (a thread per file, up to one per CPU: crc32 runs outside
+    the GIL) during the block; yields their futures (see `_raise_first`)."""
+    total = sum(entry.bytes for entry in manifest.files)
+    threads = max(1, min(len(manifest.files), os.cpu_count() or 1))
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress) as bar, \
+            ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(fmt.verify_file, load_dir, entry, bar.update) for entry in manifest.files]
+        try:
+            yield futures
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _raise_first(checksums) -> None:
+    """Wait for the checksums; raise the first file's error (in rank order) if any failed."""
+    for future in checksums:
+        if not future.cancelled():
+            future.result()
+
+
+def _check_structure(load_dir: str, manifest: fmt.Manifest) -> None:
+    """Check every shard file's header against the manifest, and that each sharded tensor is in every file."""
     shard_files = [fmt.check_shard_file(load_dir, manifest, rank) for rank in range(manifest.tensor_parallel_size)]
     for name, entry in manifest.tensors.items():
         holders = [shard.names.__contains__(name) for shard in shard_files]
@@ -60,7 +91,6 @@ def verify(load_dir: str, progress: bool = False) -> fmt.Manifest:
                 f"'{name}' is sharded over {manifest.tensor_parallel_size} TP ranks but the files of TP ranks "
                 f"{[rank for rank, held in enumerate(holders) if not held]} lack it; restore the checkpoint from a copy."
             )
-    return manifest
 
 
 def check_tensor_parallel_size(tensor_parallel_size, manifest: fmt.Manifest) -> None:
@@ -158,17 +188,36 @@ def merge(load_dir: str, out_dir: str, model_key: str | None = None, max_shard_b
     Replicated KV heads (a tensor whose manifest entry records parts with copies) are
     written once each: the model's logical tensor, as the unreplicated layer holds it.
 
+    Each file is written in one pass (`_write_merged`) while the shard files' checksums
+    are checked in the background; nothing is published unless every checksum matches.
     Every file is written aside and renamed into place once all are complete, so a
-    failed merge leaves an earlier merge in `out_dir` as it was; a finished one
-    replaces it, deleting its files that the new one does not have. A model tensor
-    recorded as replicated must be the same in every rank's file.
+    failed merge leaves an earlier merge in `out_dir` as it was (and no `out_dir` if
+    there was none); a finished one replaces it, deleting its files that the new one
+    does not have. A model tensor recorded as replicated must be the same in every
+    rank's file.
     """
     check_output_folder(load_dir, out_dir, "merge")
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise CheckpointArgumentError(f"max_shard_bytes must be an integer >= 1, got {max_shard_bytes!r:.40}; pass e.g. 5GB.")
     if model_key is not None and not isinstance(model_key, str):
         raise CheckpointArgumentError(f"model_key must be a string or None, got {type(model_key).__name__}.")
-    manifest = verify(load_dir, progress)
+    manifest = fmt.read_manifest(load_dir)
+    created = not os.path.isdir(out_dir)
+    with _checksums(load_dir, manifest, progress) as checksums:
+        try:
+            files = _merge_checked(load_dir, out_dir, manifest, model_key, max_shard_bytes, progress, checksums)
+        except Exception:
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(out_dir)  # made by this merge, and left empty
+            _raise_first(checksums)  # a damaged file is what to report, whatever else it broke
+            raise
+    return files
+
+
+def _merge_checked(load_dir, out_dir, manifest, model_key, max_shard_bytes, progress, checksums) -> list[str]:
+    """`merge`'s checks and writes, with the checksums still running in `checksums`."""
+    _check_structure(load_dir, manifest)
     names = model_tensor_names(load_dir, manifest, model_key)
     per_rank = [ShardedSource(load_dir, manifest, rank, manifest.tensor_parallel_size)
                 for rank in range(manifest.tensor_parallel_size)]
@@ -192,13 +241,8 @@ def merge(load_dir: str, out_dir: str, model_key: str | None = None, max_shard_b
         try:
             with tqdm(total=len(names), unit="tensor", desc="merge", disable=not progress) as bar:
                 for file_name, keys in zip(files, groups):
-                    tensors = {}
-                    for key in keys:
-                        entry = manifest.tensors[names[key]]
-                        logical = Target(logical_parts(entry.row_parts()), 0, 1) if entry.layout == fmt.SHARDED else None
-                        tensors[key] = source.read(names[key], logical)
-                        bar.update()
-                    written.append(_write_aside(os.path.join(out_dir, file_name), partial(save_file, tensors, metadata={"format": "pt"})))
+                    write = partial(_write_merged, source=source, tensors=[(key, names[key]) for key in keys], bar=bar)
+                    written.append(_write_aside(os.path.join(out_dir, file_name), write))
             if len(files) > 1:
                 index = {
                     "metadata": {"total_size": sum(manifest.tensors[name].nbytes for name in names.values())},
@@ -206,12 +250,75 @@ def merge(load_dir: str, out_dir: str, model_key: str | None = None, max_shard_b
                 }
                 files.append("model.safetensors.index.json")
                 written.append(_write_aside(os.path.join(out_dir, files[-1]), partial(_write_json, value=index)))
+            _raise_first(checksums)
         except BaseException:
             for aside in written:
                 os.remove(aside)
             raise
         _publish(out_dir, written)
     return files
+
+
+def _write_merged(path: str, source: ShardedSource, tensors: list[tuple[str, str]], bar) -> None:
+    """Write `tensors` ((state-dict key, checkpoint tensor name) pairs) as the safetensors file `path`, in one
+    pass: the header from the manifest, then each logical tensor's bytes streamed from the mapped shard files.
+
+    No merged tensor is built in memory: a concatenation of contiguous pieces (partition dim 0, replicated
+    tensors) is written piece by piece straight from the mapped files; one along a later dim is interleaved
+    through a reused buffer of at most `_WRITE_BUFFER_BYTES`. Tensors are ordered by item size (largest first,
+    as safetensors does), so each starts aligned to its item size.
+    """
+    entries = [(key, name, source.manifest.tensors[name]) for key, name in tensors]
+    entries.sort(key=lambda item: -getattr(torch, item[2].dtype).itemsize)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, _, entry in entries:
+        dtype = fmt.SAFETENSORS_DTYPES[entry.dtype][0]
+        header[key] = {"dtype": dtype, "shape": entry.logical_shape, "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # tensor data starts 8-byte aligned
+    buffer = torch.empty(0, dtype=torch.uint8)
+    with open(path, "wb", buffering=0) as file:
+        _write_all(file, struct.pack("<Q", len(text)) + text)
+        for key, name, entry in entries:
+            target = Target(logical_parts(entry.row_parts()), 0, 1) if entry.layout == fmt.SHARDED else None
+            dim, pieces = source.views(name, target)
+            outer = 1 if dim is None else math.prod(pieces[0].shape[:dim])
+            if outer == 1:
+                for piece in pieces:
+                    _write_all(file, _bytes(piece.contiguous()))
+            else:
+                buffer = _write_interleaved(file, [piece.reshape(outer, -1) for piece in pieces], buffer)
+            bar.update()
+
+
+def _write_interleaved(file, rows: list[torch.Tensor], buffer: torch.Tensor) -> torch.Tensor:
+    """Write the concatenation along dim 1 of the 2-D `rows` a block of rows at a time; return the buffer used."""
+    outer, width = rows[0].shape[0], sum(piece.shape[1] for piece in rows)
+    row_bytes = width * rows[0].element_size()
+    block = max(1, min(outer, _WRITE_BUFFER_BYTES // max(row_bytes, 1)))
+    if buffer.numel() < block * row_bytes:
+        buffer = torch.empty(block * row_bytes, dtype=torch.uint8)
+    for first in range(0, outer, block):
+        count = min(block, outer - first)
+        out = buffer[:count * row_bytes].view(rows[0].dtype).view(count, width)
+        at = 0
+        for piece in rows:
+            out[:, at:at + piece.shape[1]].copy_(piece[first:first + count])
+            at += piece.shape[1]
+        _write_all(file, _bytes(out))
+    return buffer
+
+
+def _bytes(tensor: torch.Tensor):
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def _write_all(file, data) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        view = view[file.write(view):]
 
 
 def _write_json(path: str, value) -> None:

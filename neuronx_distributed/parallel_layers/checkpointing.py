@@ -73,6 +73,7 @@ from .unsharded import load_torch_file, open_unsharded
 from .upstream_checkpoint import UpstreamCheckpoint, UpstreamSource, find_upstream_folder
 from .checkpoint_plan import RankReport, SavePlan, build_plan
 from .layouts import Layout, model_layouts
+from .model_state import find_model_state as _model_state
 from .utils import tensor_model_parallel_attributes
 from .weight_loading import get_checkpoint_parts, get_weight_loader
 
@@ -136,20 +137,6 @@ def _typed(error: Exception, path: str) -> Exception:
 
 
 # ---------------------------------------------------------------- save
-
-
-def _model_state(state, model_key: str | None, tensor_type: type = torch.Tensor) -> dict | None:
-    """The model's state dict inside `state`: under `model_key`, or `state` itself when it is all tensors.
-
-    `tensor_type` is what a tensor is in `state`: `TensorRef` in a checkpoint's decoded structure.
-    """
-    if not isinstance(state, dict):
-        return None
-    if model_key is not None and isinstance(state.get(model_key), dict):
-        return state[model_key]
-    if state and all(isinstance(value, tensor_type) for value in state.values()):
-        return state
-    return None
 
 
 def _optimizer_states(state):
