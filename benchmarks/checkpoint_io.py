@@ -1,15 +1,23 @@
-"""Checkpoint I/O of a BERT-large-sized model (~335M parameters, fp32) at TP=2, against plain file I/O.
+"""Checkpoint I/O at TP=2 against plain file I/O: BERT-large shapes (~335M parameters, fp32) and a Llama-1B shape (bf16).
 
 Two processes (one gloo world, TP=2) each hold their shard of the model. The table
 compares `parallel_layers.save` / `load` with a plain copy of the same bytes on the
 same disk in the same run (`shutil.copyfile` + fsync of the shard files, both ranks
 at once), plus raw writes and reads of those bytes; and gives the peak RSS per rank
 of loading the unsharded checkpoint (`model.safetensors`, from `nxd checkpoint
-merge`) into the TP=2 model. Page cache is warm (files were just written);
-every timed step starts after `os.sync()` and is the median of 5 runs.
-`--layers` scales the model (BERT-large's shapes with more or fewer layers).
+merge`) into the TP=2 model. "vs plain copy" is the plain copy's seconds over the
+row's: 100% takes as long as copying the checkpoint's bytes, more is faster. Every
+row is measured against that one copy, including merge (one process, while the
+copy row runs both ranks at once). Page cache is warm (files were just written);
+every timed step starts after `os.sync()` and is the median of `--repeats` runs.
 
-    .venv/bin/python benchmarks/checkpoint_io.py [--dir /path/on/the/disk/to/test] [--layers 24]
+`--model` picks BERT-large's shapes (24 layers of hidden 1024, FFN 4096, vocab 30522,
+Q/K/V and FFN-in column-parallel, outputs row-parallel), the Llama-1B shape (16
+layers of hidden 2048, 32 query / 8 KV heads through `GQAQKVColumnParallelLinear`,
+SwiGLU MLP 5632, vocab 32000, untied LM head, bf16), or both (the default);
+`--layers` scales the chosen models' depth.
+
+    .venv/bin/python benchmarks/checkpoint_io.py [--model both|bert-large|llama1b] [--layers N] [--dir /path/on/the/disk]
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 HIDDEN, LAYERS, FFN, VOCAB, POSITIONS = 1024, 24, 4096, 30522, 512
+LLAMA_HIDDEN, LLAMA_LAYERS, LLAMA_HEADS, LLAMA_KV_HEADS, LLAMA_FFN, LLAMA_VOCAB = 2048, 16, 32, 8, 5632, 32000
 
 
 class BertLargeShapes(nn.Module):
@@ -55,9 +64,51 @@ class BertLargeShapes(nn.Module):
             layer.output_norm = nn.LayerNorm(HIDDEN)
             self.layers.append(layer)
         self.pooler = nn.Linear(HIDDEN, HIDDEN)
-        with torch.no_grad():
-            for param in self.parameters():
-                param.normal_(0, 0.02)
+        _random_values(self)
+
+
+class Llama1BShapes(nn.Module):
+    """A Llama-1B shape in bf16: GQA attention (separate q/k/v weights, KV heads split across TP), SwiGLU MLP
+    (gate, up column; down row), RMSNorm weights, vocab-parallel embedding and a column-parallel LM head."""
+
+    def __init__(self, layers: int = LLAMA_LAYERS):
+        from neuronx_distributed.modules.qkv_linear import GQAQKVColumnParallelLinear
+        from neuronx_distributed.parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+
+        super().__init__()
+        fast, dtype, hidden = nn.init.zeros_, torch.bfloat16, LLAMA_HIDDEN
+        head_dim = hidden // LLAMA_HEADS
+        self.embed_tokens = ParallelEmbedding(LLAMA_VOCAB, hidden, init_method=fast, dtype=dtype)
+        self.layers = nn.ModuleList()
+        for _ in range(layers):
+            layer = nn.Module()
+            layer.qkv_proj = GQAQKVColumnParallelLinear(
+                hidden, [hidden, LLAMA_KV_HEADS * head_dim], bias=False, gather_output=False, dtype=dtype,
+                init_method=fast, fuse_qkv=False, num_attention_heads=LLAMA_HEADS, num_key_value_heads=LLAMA_KV_HEADS,
+            )
+            layer.o_proj = RowParallelLinear(hidden, hidden, bias=False, input_is_parallel=True, dtype=dtype, init_method=fast)
+            for name in ("gate_proj", "up_proj"):
+                setattr(layer, name, ColumnParallelLinear(hidden, LLAMA_FFN, bias=False, gather_output=False,
+                                                          dtype=dtype, init_method=fast))
+            layer.down_proj = RowParallelLinear(LLAMA_FFN, hidden, bias=False, input_is_parallel=True, dtype=dtype,
+                                                init_method=fast)
+            layer.input_layernorm = nn.RMSNorm(hidden, dtype=dtype)
+            layer.post_attention_layernorm = nn.RMSNorm(hidden, dtype=dtype)
+            self.layers.append(layer)
+        self.norm = nn.RMSNorm(hidden, dtype=dtype)
+        self.lm_head = ColumnParallelLinear(hidden, LLAMA_VOCAB, bias=False, gather_output=False, dtype=dtype, init_method=fast)
+        _random_values(self)
+
+
+MODELS = {"bert-large": (BertLargeShapes, LAYERS, "BERT-large shapes", "fp32"),
+          "llama1b": (Llama1BShapes, LLAMA_LAYERS, "Llama-1B shape", "bf16")}
+
+
+def _random_values(model: nn.Module) -> None:
+    """Fill every parameter with N(0, 0.02) (the same on every rank under the same seed)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02)
 
 
 def _rss_mib(field: str) -> float:
@@ -68,7 +119,7 @@ def _rss_mib(field: str) -> float:
     raise RuntimeError(field)
 
 
-def _timed(fn, repeats: int = 5) -> float:
+def _timed(fn, repeats: int) -> float:
     """Median wall time of `fn` on every rank at once, each run starting with no dirty pages to write back."""
     times = []
     for _ in range(repeats):
@@ -100,13 +151,13 @@ def _raw_write(tensors, path: str) -> None:
         os.fsync(file.fileno())
 
 
-def _raw_read(path: str) -> None:
-    buffer = bytearray(os.path.getsize(path))
+def _raw_read(path: str, buffer: bytearray) -> None:
+    """Read the file into `buffer` (allocated and touched once, as a model's memory is before a load)."""
     with open(path, "rb", buffering=0) as file:
         file.readinto(buffer)
 
 
-def _io_worker(rank: int, world: int, root: str, layers: int, results: str) -> None:
+def _io_worker(rank: int, world: int, root: str, model_name: str, layers: int, repeats: int, results: str) -> None:
     from neuronx_distributed import parallel_state
     from neuronx_distributed.parallel_layers import checkpoint_format as fmt
     from neuronx_distributed.parallel_layers import load, save
@@ -115,18 +166,20 @@ def _io_worker(rank: int, world: int, root: str, layers: int, results: str) -> N
     dist.init_process_group("gloo", init_method=f"file://{root}/store-io", rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(world)
     torch.manual_seed(0)  # the same replicated weights on both TP ranks, as save checks
-    model = BertLargeShapes(layers)
+    model = MODELS[model_name][0](layers)
     sharded = os.path.join(root, "sharded")
     state = {"model": model.state_dict(), "epoch": 1}
-    timings = {"save": _timed(lambda: save(state, sharded))}
+    timings = {"save": _timed(lambda: save(state, sharded), repeats)}
     manifest = fmt.read_manifest(sharded)
     shard = os.path.join(sharded, manifest.files[rank].path)
-    timings["copy"] = _timed(lambda: _fsync_copy(shard, os.path.join(root, f"copy-{rank}")))
-    timings["raw_write"] = _timed(lambda: _raw_write(list(state["model"].values()), os.path.join(root, f"raw-{rank}")))
-    timings["load"] = _timed(lambda: load(sharded, model=model))
-    timings["load_noverify"] = _timed(lambda: load(sharded, model=model, verify=False))
-    timings["load_dict"] = _timed(lambda: load(sharded))
-    timings["raw_read"] = _timed(lambda: _raw_read(os.path.join(root, f"raw-{rank}")))
+    timings["copy"] = _timed(lambda: _fsync_copy(shard, os.path.join(root, f"copy-{rank}")), repeats)
+    raw = os.path.join(root, f"raw-{rank}")
+    timings["raw_write"] = _timed(lambda: _raw_write(list(state["model"].values()), raw), repeats)
+    timings["load"] = _timed(lambda: load(sharded, model=model), repeats)
+    timings["load_noverify"] = _timed(lambda: load(sharded, model=model, verify=False), repeats)
+    timings["load_dict"] = _timed(lambda: load(sharded), repeats)
+    buffer = bytearray(os.path.getsize(raw))
+    timings["raw_read"] = _timed(lambda: _raw_read(raw, buffer), repeats)
     if rank == 0:
         timings["bytes"] = sum(entry.bytes for entry in manifest.files)
         timings["params"] = sum(math.prod(e.shape) for e in manifest.tensors.values())
@@ -136,7 +189,7 @@ def _io_worker(rank: int, world: int, root: str, layers: int, results: str) -> N
     dist.destroy_process_group()
 
 
-def _rss_worker(rank: int, world: int, root: str, layers: int, results: str) -> None:
+def _rss_worker(rank: int, world: int, root: str, model_name: str, layers: int, results: str) -> None:
     from neuronx_distributed import parallel_state
     from neuronx_distributed.parallel_layers import load
 
@@ -145,7 +198,7 @@ def _rss_worker(rank: int, world: int, root: str, layers: int, results: str) -> 
     parallel_state.initialize_model_parallel(world)
     before_model = _rss_mib("VmRSS")
     torch.manual_seed(0)  # the same replicated weights on both TP ranks, as save checks
-    model = BertLargeShapes(layers)
+    model = MODELS[model_name][0](layers)
     _release_freed_memory()
     with_model = _rss_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as file:
@@ -161,15 +214,13 @@ def _rss_worker(rank: int, world: int, root: str, layers: int, results: str) -> 
     dist.destroy_process_group()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default=None, help="a folder on the disk to measure (default: a temporary folder)")
-    parser.add_argument("--layers", type=int, default=LAYERS, help=f"transformer layers (default {LAYERS}, BERT-large)")
-    args = parser.parse_args()
-    root = tempfile.mkdtemp(prefix="nxd-ckpt-bench-", dir=args.dir)
+def _measure(model_name: str, layers: int, repeats: int, folder: str | None) -> None:
+    """Run the I/O and the RSS workers for one model and print its two tables."""
+    root = tempfile.mkdtemp(prefix="nxd-ckpt-bench-", dir=folder)
     try:
         io_results = os.path.join(root, "io.json")
-        mp.start_processes(_io_worker, args=(2, root, args.layers, io_results), nprocs=2, start_method="spawn")
+        mp.start_processes(_io_worker, args=(2, root, model_name, layers, repeats, io_results), nprocs=2,
+                           start_method="spawn")
         with open(io_results) as file:
             io = json.load(file)
         from neuronx_distributed.parallel_layers import checkpoint_tools
@@ -180,7 +231,7 @@ def main() -> None:
         merge_seconds = time.perf_counter() - start
         unsharded_bytes = os.path.getsize(os.path.join(root, "unsharded", "model.safetensors"))
         rss_results = os.path.join(root, "rss.json")
-        mp.start_processes(_rss_worker, args=(2, root, args.layers, rss_results), nprocs=2, start_method="spawn")
+        mp.start_processes(_rss_worker, args=(2, root, model_name, layers, rss_results), nprocs=2, start_method="spawn")
         rss = []
         for rank in range(2):
             with open(f"{rss_results}.{rank}") as file:
@@ -188,9 +239,10 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
+    _, _, title, dtype = MODELS[model_name]
     gib = io["bytes"] / 1024**3
-    print(f"BERT-large shapes, {args.layers} layers: {io['params'] / 1e6:.0f}M parameters, fp32, TP=2 on 2 processes; "
-          f"checkpoint {gib:.2f} GiB; disk under {args.dir or tempfile.gettempdir()}")
+    print(f"{title}, {layers} layers: {io['params'] / 1e6:.0f}M parameters, {dtype}, TP=2 on 2 processes; "
+          f"checkpoint {gib:.2f} GiB; disk under {folder or tempfile.gettempdir()}; median of {repeats}")
     print()
     print(f"| {'operation':<48} | {'seconds':>7} | {'GiB/s':>6} | {'vs plain copy':>13} |")
     print(f"|{'-' * 50}|{'-' * 9}|{'-' * 8}|{'-' * 15}|")
@@ -220,6 +272,20 @@ def main() -> None:
               f"{row['peak']:12.0f} MiB | {row['peak'] - row['with_model']:12.0f} MiB | "
               f"{(row['peak'] - row['before_model']) / unsharded_mib:27.2f}x | {row['peak'] / unsharded_mib:10.2f}x | "
               f"{row['seconds']:7.2f} |")
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default=None, help="a folder on the disk to measure (default: a temporary folder)")
+    parser.add_argument("--model", choices=["both", *MODELS], default="both", help="the model shapes (default: both)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help=f"transformer layers (default {LAYERS} for BERT-large, {LLAMA_LAYERS} for Llama-1B)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per step, the median is shown (default 3)")
+    args = parser.parse_args()
+    for model_name in MODELS if args.model == "both" else [args.model]:
+        _measure(model_name, args.layers or MODELS[model_name][1], args.repeats, args.dir)
+
 
 if __name__ == "__main__":
     main()
