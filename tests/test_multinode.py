@@ -21,6 +21,7 @@ import torch.distributed as dist
 from nodes import run_on_nodes, unavailable
 
 from neuronx_distributed import comm, parallel_state
+from neuronx_distributed.errors import NeuronxDistributedError
 
 SIZES = [1, 5, 7919, 600_001]  # odd sizes (not multiples of 2 ranks per node), and several 1 MiB shm chunks
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32]
@@ -124,6 +125,55 @@ def _group_hosts(group) -> list[str]:
     return hosts
 
 
+# Calls where some ranks differ: case -> {global rank: its call}; the other ranks issue DEFAULT_MIXED_CALL's.
+MIXED_CALLS = {
+    "size on one rank": {3: "all_reduce n=7"},
+    "size on one node": {2: "all_reduce n=7", 3: "all_reduce n=7"},
+    "dtype on one rank": {1: "all_reduce float64"},
+    "engine on one rank": {2: "all_reduce int64"},
+    "op on one rank": {0: "all_reduce max"},
+    "collective on one rank": {3: "barrier"},
+    "root on one rank": {1: "broadcast src=0"},
+    "refused on one rank": {0: "all_reduce expanded"},
+}
+DEFAULT_MIXED_CALL = {"all_reduce": "all_reduce n=8", "broadcast": "broadcast src=3"}
+
+
+def _mixed_call(spec: str, group) -> torch.Tensor:
+    """Issue the call that `spec` names on `group` on an input of ones, which stays unchanged if the call raises."""
+    collective, _, variant = spec.partition(" ")
+    dtype = {"float64": torch.float64, "int64": torch.int64}.get(variant, torch.float32)
+    data = torch.ones(1).expand(8) if variant == "expanded" else torch.ones(7 if variant == "n=7" else 8, dtype=dtype)
+    try:
+        if collective == "barrier":
+            comm.barrier(group=group)
+        elif collective == "broadcast":
+            comm.broadcast(data, src=int(variant.removeprefix("src=")), group=group)
+        else:
+            comm.all_reduce(data, op="max" if variant == "max" else "sum", group=group)
+    except NeuronxDistributedError:
+        assert torch.equal(data, torch.ones_like(data)), spec  # a call that raises changes nothing
+        raise
+    return data
+
+
+def _case_mixed_calls() -> dict:
+    """Worker, at TP=1: on the world group (hierarchical), each case of MIXED_CALLS; every rank
+    reports what it raised; then a plain all-reduce shows the group still works."""
+    rank = dist.get_rank()
+    raised = {}
+    for case, differing in MIXED_CALLS.items():
+        usual = DEFAULT_MIXED_CALL["broadcast" if case.startswith("root") else "all_reduce"]
+        try:
+            _mixed_call(differing.get(rank, usual), dist.group.WORLD)
+            raised[case] = None
+        except NeuronxDistributedError as error:
+            raised[case] = [type(error).__name__, str(error)]
+    after = torch.full((600_001,), float(rank))
+    comm.all_reduce(after, group=dist.group.WORLD)
+    return {"raised": raised, "after": after.unique().tolist()}
+
+
 def _case_engines() -> dict:
     """Worker: the engine of each parallel_state group for CPU float32."""
     return {
@@ -141,7 +191,7 @@ LAYER_CASES = ["column_gather", "column_sharded_out", "row_full_input", "row_par
 
 
 def _calls(save_dir: str) -> list:
-    calls = [[1, "test_multinode:_case_collectives", []]]
+    calls = [[1, "test_multinode:_case_collectives", []], [1, "test_multinode:_case_mixed_calls", []]]
     for tp in (2, 1, 4):
         calls.append([tp, "test_multinode:_case_engines", []])
         calls += [[tp, "test_layers:_case_train_step", [case, 0.05]] for case in LAYER_CASES]
@@ -180,6 +230,26 @@ def test_hierarchical_collectives_bit_identical_on_every_rank(job):
     for rank, report in enumerate(reports[1:], start=1):
         differing = [case for case, digest in digests.items() if report["digests"][case] != digest]
         assert not differing, f"rank {rank} differs from rank 0 in {differing}"
+
+
+def test_mixed_calls_raise_on_every_rank(job):
+    """A call that differs on one rank or node raises a typed error on every rank, naming it; nothing hangs
+    and the group keeps working."""
+    calls, run = job
+    reports = run.values(_index(calls, 1, "test_multinode:_case_mixed_calls"))
+    for rank, report in enumerate(reports):
+        assert report["after"] == [0.0 + 1 + 2 + 3], rank
+        for case, differing in MIXED_CALLS.items():
+            error_type, message = report["raised"][case]
+            if case == "refused on one rank" and rank in differing:
+                assert error_type == "InputShapeError", (case, rank, message)
+                continue
+            assert error_type == "CollectiveError", (case, rank, error_type, message)
+            named = sorted(differing)
+            if case == "refused on one rank":
+                assert f"global rank {named[0]} refused its input of all_reduce (InputShapeError" in message, message
+            else:
+                assert f"global ranks {named}: " in message, (case, message)
 
 
 @pytest.mark.parametrize(

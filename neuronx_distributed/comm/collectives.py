@@ -130,8 +130,9 @@ def _engine(engines: GroupEngines, tensor: torch.Tensor) -> Engine:
 
 
 def _refuse(engines: GroupEngines, collective: str, tensor, error: NeuronxDistributedError, op=None, root=-1):
-    """Raise `error` for this rank's input, once the peers on shared memory know of it."""
-    shm = engines.shm
+    """Raise `error` for this rank's input, once the peers on shared memory (every peer of a
+    hierarchical group) know of it."""
+    shm = engines.shm if engines.shm is not None else engines.hierarchical
     on_cpu = not isinstance(tensor, torch.Tensor) or tensor.device.type == "cpu"  # a non-tensor is refused alike
     if shm is None or not on_cpu or engines.backend == "torch" or torch.compiler.is_compiling():
         raise error

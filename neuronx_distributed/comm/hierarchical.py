@@ -8,10 +8,21 @@ local-index-l ranks of all hosts (1/k of the data each, all k of them at once), 
 shared-memory all-gather of the k slices. Every rank of the group ends with the same bytes:
 each slice is reduced once, by one gloo call, and copied everywhere from there.
 
-`reduce_scatter`, `all_gather` and `broadcast` take the same two levels; `barrier` runs on
-torch.distributed over the whole group. Tensors that shared memory does not run (other
-dtypes) go to torch.distributed over the whole group, announced to the host's peers first
-(`AnnouncingEngine`), as on a one-host group.
+The all-reduce runs in place, in pieces that each fit one shared-memory step (`local_slot_bytes`),
+pipelined: while gloo's worker thread reduces piece i across hosts, this thread runs piece
+i+1's reduce-scatter and piece i-1's all-gather (one broadcast from each local rank, straight
+into the caller's tensor). No buffer is allocated, no byte copied twice.
+
+`reduce_scatter`, `all_gather` and `broadcast` take the same two levels; `barrier` is the
+agreement below. Tensors that shared memory does not run (other dtypes) go to
+torch.distributed over the whole group (`AgreeingTorchEngine`).
+
+Before any data moves, every collective of the group (on either engine, or refused by
+`comm` for bad input) runs `agree`: a shared-memory max of the call's description inside
+each host, then a gloo max across hosts. Ranks that issue different calls (a size, dtype,
+op or root that differs, a dtype that sends one rank to torch.distributed, an input that one
+rank refuses) all raise CollectiveError naming every rank's call, at once and with nothing
+changed, and the group stays usable.
 
 `HostLayout` and `set_up` decide whether a group is served this way; `comm.groups` calls
 them when the group is set up, after its ranks have exchanged their host identities.
@@ -19,14 +30,34 @@ them when the group is set up, after its ranks have exchanged their host identit
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.dlpack import to_dlpack
 
-from . import shm_ops
+from ..errors import CollectiveError, NeuronxDistributedError
 from .engine import TorchEngine
-from .shm import AnnouncingEngine, ShmEngine, runs
+from .native import _C
+from .shm import _OP_NAMES, ShmEngine, runs
+from .shm_groups import DEFAULT_SLOT_BYTES, GroupRegistry
+
+# /dev/shm that each host's local segment takes (two sets of k slots). Every shared-memory step is a
+# rendezvous of the host's ranks; with more ranks than cores (2 simulated nodes x 2 ranks on 2
+# cores, 2026-12) each costs a context switch, and 25 MB all-reduces took 19 ms of reduce-scatter
+# with 8 MiB slots against 40 ms with the 1 MiB slots of a one-host group. 32 MiB fits beside
+# the one-host groups in a container's default 64 MB /dev/shm.
+LOCAL_SEGMENT_BYTES = 32 << 20
+
+_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier")
+_ENGINES = ("hierarchical", "torch")
+_OPS = (dist.ReduceOp.SUM, dist.ReduceOp.MAX)
+
+
+def local_slot_bytes(k: int) -> int:
+    """Bytes per rank and step of the local segment of a host with k ranks (a multiple of 4096)."""
+    return max(DEFAULT_SLOT_BYTES, LOCAL_SEGMENT_BYTES // (2 * k) // 4096 * 4096)
 
 
 @dataclass(frozen=True)
@@ -60,6 +91,40 @@ class HostLayout:
         return next((h, members.index(global_rank)) for h, members in enumerate(self.hosts) if global_rank in members)
 
 
+@dataclass(frozen=True)
+class Call:
+    """What one rank is about to run: compared across the group by `HierarchicalEngine.agree`."""
+
+    collective: str
+    engine: str
+    dtype: torch.dtype | None
+    count: int
+    op: dist.ReduceOp = dist.ReduceOp.SUM
+    root: int = -1
+    refusal: str | None = None  # this rank's error for its input, if it raises instead
+
+    def encoded(self) -> torch.Tensor:
+        """The fields as float64 (each exact: small integers and crc32s), for a max over the group."""
+        dtype_code = zlib.crc32(str(self.dtype).encode()) if self.dtype is not None else -1
+        return torch.tensor(
+            [_COLLECTIVES.index(self.collective), _ENGINES.index(self.engine), dtype_code, self.count,
+             _OPS.index(self.op), self.root, self.refusal is not None],
+            dtype=torch.float64,
+        )  # fmt: skip
+
+    def describe(self) -> str:
+        if self.refusal is not None:
+            return f"refused its input of {self.collective} ({self.refusal})"
+        if self.collective == "barrier":
+            return "barrier"
+        what = f"{self.collective} of {self.count} {str(self.dtype).removeprefix('torch.')} elements"
+        if self.collective in ("all_reduce", "reduce_scatter"):
+            what += f" ({_OP_NAMES[self.op]})"
+        if self.collective == "broadcast":
+            what += f" from group rank {self.root}"
+        return what + f" on the {self.engine} engine"
+
+
 class HierarchicalEngine:
     """The two-level collectives of one group (see the module docstring) for CPU tensors that
     shared memory runs; `engine_for` gives the engine of any other CPU tensor."""
@@ -67,12 +132,12 @@ class HierarchicalEngine:
     name = "hierarchical"
 
     def __init__(self, group: dist.ProcessGroup, local: ShmEngine, across: TorchEngine, layout: HostLayout):
-        self._whole, self._local, self._across = TorchEngine(group), local, across
+        self.whole, self.local, self.across = TorchEngine(group), local, across
         self._layout, self._k, self._hosts = layout, layout.local_size, len(layout.hosts)
-        _, self._local_index = layout.place(dist.get_rank())
+        _, self.local_index = layout.place(dist.get_rank())
         # The across sub-group's rank of each host (new_group orders a group's ranks by global rank).
         across_ranks = dist.get_process_group_ranks(across.group)
-        self._across_rank_of_host = [across_ranks.index(members[self._local_index]) for members in layout.hosts]
+        self._across_rank_of_host = [across_ranks.index(members[self.local_index]) for members in layout.hosts]
         host_of_across_rank = sorted(range(self._hosts), key=self._across_rank_of_host.__getitem__)
         # _order[l * hosts + a]: the group rank with local index l on the host of across rank a. Rows
         # laid out in this order split into k contiguous blocks, block l holding the rows of local
@@ -81,55 +146,157 @@ class HierarchicalEngine:
             [dist.get_group_rank(group, layout.hosts[h][l]) for l in range(self._k) for h in host_of_across_rank],
             dtype=torch.long,
         )
-        self._announcing = AnnouncingEngine(self._whole, local)
+        self._torch = AgreeingTorchEngine(self)
 
     def engine_for(self, tensor: torch.Tensor):
-        """This engine for what shared memory runs; torch.distributed (announced) for other CPU tensors."""
-        return self if runs(tensor) else self._announcing
+        """This engine for what shared memory runs; torch.distributed (agreed first) for other CPU tensors."""
+        return self if runs(tensor) else self._torch
+
+    def agree(self, call: Call) -> None:
+        """Return once every rank of the group has entered `agree` with the same call; otherwise raise
+        on every rank: this rank's own error if it refused its input, else CollectiveError naming
+        each rank's call. Collective over the group, like a barrier."""
+        fields = call.encoded()
+        bounds = torch.cat([fields, -fields])  # after a max: every rank's largest and (negated) smallest
+        self._local_call("all_reduce", to_dlpack(bounds), "max")
+        host_differs = not torch.equal(bounds[: len(fields)], -bounds[len(fields) :])
+        verdict = torch.cat([bounds, torch.tensor([float(host_differs)], dtype=torch.float64)])
+        dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=self.across.group)
+        # No host's ranks differ, so each host issued one call, and this across sub-group (one rank per
+        # host) compared them all: every rank of the group reaches the same verdict.
+        if verdict[-1] == 0 and torch.equal(verdict[: len(fields)], -verdict[len(fields) : -1]):
+            return
+        self._raise_disagreement(call)
+
+    def _raise_disagreement(self, call: Call) -> None:
+        calls = [None] * self.whole.group.size()
+        dist.all_gather_object(calls, call, group=self.whole.group)
+        ranks = dist.get_process_group_ranks(self.whole.group)
+        refusals = [f"global rank {rank} {peer.describe()}" for rank, peer in zip(ranks, calls) if peer.refusal]
+        if refusals:
+            if call.refusal is not None:
+                return  # the caller raises this rank's own error
+            raise CollectiveError(
+                f"{'; '.join(refusals)}, so every rank of the group of global ranks {ranks} raises instead of "
+                f"running its {call.collective}; fix the input on that rank."
+            )
+        by_call: dict[Call, list[int]] = {}
+        for rank, peer in zip(ranks, calls):
+            by_call.setdefault(peer, []).append(rank)
+        described = "; ".join(f"global ranks {members}: {peer.describe()}" for peer, members in by_call.items())
+        raise CollectiveError(
+            f"the ranks of the group of global ranks {ranks} issued different collectives ({described}); every rank "
+            "of a group must issue the same collectives in the same order, with the same sizes, dtypes and ops "
+            "(a dtype that shared memory does not run sends a rank to torch.distributed)."
+        )
+
+    def announce_refusal(self, collective: str, count: int, op, root: int, error: NeuronxDistributedError):
+        """Tell every peer that this rank raises `error` for its input of `collective`, then raise it."""
+        self.agree(Call(collective, self.name, None, count, op, root, refusal=f"{type(error).__name__}: {error}"))
+        raise error
 
     def all_reduce_(self, tensor, op):
+        self.agree(Call("all_reduce", self.name, tensor.dtype, tensor.numel(), op))
         flat = tensor.view(-1)
         count = flat.numel()
-        if count == 0:
-            return
-        slice_size = -(-count // self._k)
-        if count == slice_size * self._k:
-            rows = flat.view(self._k, slice_size)
-        else:  # zero-padded to k equal slices; the padding is reduced too and dropped
-            rows = flat.new_zeros(self._k, slice_size)
-            rows.view(-1)[:count].copy_(flat)
-        mine = self._local.reduce_scatter(rows, op)  # this host's reduction of slice l
-        self._across.all_reduce_(mine, op)  # every host's: slice l is done
-        flat.copy_(self._local.all_gather(mine).view(-1)[:count])
+        # Pieces of k slices of one reduce-scatter step each: piece i's gloo call runs on gloo's worker
+        # thread while this thread runs piece i+1's reduce-scatter and piece i-1's all-gather.
+        slice_max = self.local.handle.slot_bytes // (self._k * tensor.element_size())
+        pending, done = None, 0
+        while done < count:
+            slice_size = min(slice_max, -(-(count - done) // self._k))
+            piece = flat[done : done + slice_size * self._k]
+            done += piece.numel()
+            if piece.numel() == slice_size * self._k:
+                rows, padded = piece.view(self._k, slice_size), None
+            else:  # the last piece, zero-padded to k equal slices; the padding is reduced too and dropped
+                rows, padded = flat.new_zeros(self._k, slice_size), piece
+                rows.view(-1)[: piece.numel()].copy_(piece)
+            mine = rows[self.local_index]
+            # In place: each block of the reduction reads every source before writing the output.
+            self._local_call("reduce_scatter", to_dlpack(rows), to_dlpack(mine), _OP_NAMES[op])
+            work = dist.all_reduce(mine, op=op, group=self.across.group, async_op=True)
+            if pending is not None:
+                self._gather_piece(*pending)
+            pending = (work, rows, padded)
+        if pending is not None:
+            self._gather_piece(*pending)
+
+    def _gather_piece(self, work, rows, padded):
+        """Once the piece's gloo call is done: every local rank's slice to every local rank, in place."""
+        work.wait()
+        for root in range(self._k):
+            self._local_call("broadcast", to_dlpack(rows[root]), root)
+        if padded is not None:
+            padded.copy_(rows.view(-1)[: padded.numel()])
 
     def reduce_scatter(self, tensor, op):
+        self.agree(Call("reduce_scatter", self.name, tensor.dtype, tensor.numel(), op))
         # Block l (the rows of local rank l's across sub-group) is reduced inside the host onto
         # local rank l, then across hosts onto the row's owner.
         blocks = tensor.index_select(0, self._order).view(self._k, self._hosts, *tensor.shape[1:])
-        host_partial = self._local.reduce_scatter(blocks, op)  # (hosts, *chunk)
-        return self._across.reduce_scatter(host_partial, op)
+        host_partial = self.local.reduce_scatter(blocks, op)  # (hosts, *chunk)
+        return self.across.reduce_scatter(host_partial, op)
 
     def all_gather(self, tensor):
-        across_rows = self._across.all_gather(tensor)  # (hosts, *shape): this across sub-group's rows
-        blocks = self._local.all_gather(across_rows)  # (k, hosts, *shape): every across sub-group's
+        self.agree(Call("all_gather", self.name, tensor.dtype, tensor.numel()))
+        across_rows = self.across.all_gather(tensor)  # (hosts, *shape): this across sub-group's rows
+        blocks = self.local.all_gather(across_rows)  # (k, hosts, *shape): every across sub-group's
         out = tensor.new_empty(self._k * self._hosts, *tensor.shape)
         out.index_copy_(0, self._order, blocks.view(-1, *tensor.shape))
         return out
 
     def broadcast_(self, tensor, group_src):
+        self.agree(Call("broadcast", self.name, tensor.dtype, tensor.numel(), root=group_src))
         # The source's across sub-group gets it first, then each host from its rank with the source's local index.
-        src_host, src_local = self._layout.place(dist.get_global_rank(self._whole.group, group_src))
-        if self._local_index == src_local:
-            self._across.broadcast_(tensor, self._across_rank_of_host[src_host])
-        self._local.broadcast_(tensor, src_local)
+        src_host, src_local = self._layout.place(dist.get_global_rank(self.whole.group, group_src))
+        if self.local_index == src_local:
+            self.across.broadcast_(tensor, self._across_rank_of_host[src_host])
+        self.local.broadcast_(tensor, src_local)
 
     def barrier(self):
-        self._whole.barrier()
+        self.agree(Call("barrier", self.name, None, 0))
+
+    def _local_call(self, name, *args):
+        try:
+            getattr(self.local.handle, name)(*args)
+        except _C.CollectiveFailure as failure:
+            raise CollectiveError(str(failure)) from failure
+
+
+class AgreeingTorchEngine:
+    """torch.distributed over the whole group of a `HierarchicalEngine`, each call agreed on first."""
+
+    name = "torch"
+
+    def __init__(self, hierarchical: HierarchicalEngine):
+        self._agree, self._torch = hierarchical.agree, hierarchical.whole
+
+    def all_reduce_(self, tensor, op):
+        self._agree(Call("all_reduce", self.name, tensor.dtype, tensor.numel(), op))
+        self._torch.all_reduce_(tensor, op)
+
+    def all_gather(self, tensor):
+        self._agree(Call("all_gather", self.name, tensor.dtype, tensor.numel()))
+        return self._torch.all_gather(tensor)
+
+    def reduce_scatter(self, tensor, op):
+        self._agree(Call("reduce_scatter", self.name, tensor.dtype, tensor.numel(), op))
+        return self._torch.reduce_scatter(tensor, op)
+
+    def broadcast_(self, tensor, group_src):
+        self._agree(Call("broadcast", self.name, tensor.dtype, tensor.numel(), root=group_src))
+        self._torch.broadcast_(tensor, group_src)
+
+    def barrier(self):
+        self._agree(Call("barrier", "hierarchical", None, 0))  # the same barrier as on the engine itself
 
 
 # Sub-groups by their global ranks, created once per process and shared by every group they serve
 # (the world group and a DP group of the same ranks, a group set up again after set_backend).
 _subgroups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+# The local segments, by slot size (`local_slot_bytes`).
+_local_segments: dict[int, GroupRegistry] = {}
 
 
 def set_up(group: dist.ProcessGroup, layout: HostLayout, timeout_s: float) -> HierarchicalEngine:
@@ -137,13 +304,25 @@ def set_up(group: dist.ProcessGroup, layout: HostLayout, timeout_s: float) -> Hi
 
     Collective over `group`: every rank must call it with the same layout, and every rank must
     have created the same number of process groups so far (`subgroup_names_agree`), since
-    torch names a group created by its members only from its ranks and that number.
+    torch names a group created by its members only from its ranks and that number. If a host
+    cannot create its segment, every rank of the group raises its CollectiveError.
     """
     host, local_index = layout.place(dist.get_rank())
     local_group = _subgroup(layout.hosts[host])
     across_group = _subgroup(tuple(sorted(members[local_index] for members in layout.hosts)))
-    local = ShmEngine(local_group, shm_ops.groups.handle(local_group, timeout_s))
-    return HierarchicalEngine(group, local, TorchEngine(across_group), layout)
+    slot_bytes = local_slot_bytes(layout.local_size)
+    failure = None
+    try:
+        handle = _local_segments.setdefault(slot_bytes, GroupRegistry(slot_bytes)).handle(local_group, timeout_s)
+    except CollectiveError as error:  # raised on every rank of the host
+        failure = str(error)
+    failures = [None] * len(layout.hosts)
+    dist.all_gather_object(failures, failure, group=across_group)
+    reported = sorted({text for text in failures if text is not None})
+    if reported:
+        raise CollectiveError(f"the hierarchical engine of the group of global ranks "
+                              f"{dist.get_process_group_ranks(group)} cannot run: {' '.join(reported)}")  # fmt: skip
+    return HierarchicalEngine(group, ShmEngine(local_group, handle), TorchEngine(across_group), layout)
 
 
 def subgroup_names_agree(counts: list[int]) -> bool:
