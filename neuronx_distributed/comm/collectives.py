@@ -26,9 +26,12 @@ from . import settings
 from .engine import Engine
 from .groups import GroupEngines
 
-_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
-_KNOWN_OPS = {**_REDUCE_OPS, dist.ReduceOp.SUM: dist.ReduceOp.SUM, dist.ReduceOp.MAX: dist.ReduceOp.MAX}
+_SUM, _MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
+_REDUCE_OPS = {"sum": _SUM, "max": _MAX}
 _EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
+# Looked up once here, not per call. torch.compile folds calls of this very function to True.
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 _engines: dict[dist.ProcessGroup, GroupEngines] = {}
 _default_group: Callable[[], dist.ProcessGroup] | None = None
@@ -115,18 +118,13 @@ def _engines_of(group) -> GroupEngines:
     return engines
 
 
-def _traced(tensor: torch.Tensor) -> bool:
-    """Whether this call is being traced or intercepted (torch.compile, torch.export, fake or functional
-    tensors, a torch dispatch mode): then it must go through ops that the tracer sees."""
-    return (
-        torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack() > 0
-        or type(tensor) not in _EAGER_TYPES
-    )
-
-
 def _engine(engines: GroupEngines, tensor: torch.Tensor) -> Engine:
-    return engines.traced_engine_for(tensor) if _traced(tensor) else engines.engine_for(tensor)
+    """The group's engine for this call: its traced form when the call is being traced or intercepted
+    (torch.compile, torch.export, fake or functional tensors, a torch dispatch mode), so that the tracer
+    sees the collective; else the eager engine chosen for the tensor's device and dtype."""
+    if _is_compiling() or _dispatch_modes() > 0 or type(tensor) not in _EAGER_TYPES:
+        return engines.traced_engine_for(tensor)
+    return engines.engine_for(tensor)
 
 
 def _refuse(engines: GroupEngines, collective: str, tensor, error: NeuronxDistributedError, op=None, root=-1):
@@ -171,16 +169,20 @@ def _record(name: str, engine: Engine, tensor: torch.Tensor) -> None:
 
 
 def _resolve_op(op) -> dist.ReduceOp:
-    try:
-        return _KNOWN_OPS[op]
-    except (KeyError, TypeError):
-        pass
-    if op in _REDUCE_OPS.values():
+    """`op` as the very object dist.ReduceOp.SUM or dist.ReduceOp.MAX: engines tell ops apart by identity,
+    since hashing or comparing a ReduceOp by value costs up to 1 us (bound C++ calls)."""
+    if op is _SUM or op is _MAX:
         return op
     if isinstance(op, str):
-        if op.lower() not in _REDUCE_OPS:
+        resolved = _REDUCE_OPS.get(op)
+        if resolved is None:
+            resolved = _REDUCE_OPS.get(op.lower())
+        if resolved is None:
             raise CollectiveError(f"reduce op {op!r} is not supported; use 'sum' or 'max'.")
-        return _REDUCE_OPS[op.lower()]
+        return resolved
+    for known in (_SUM, _MAX):
+        if op == known:  # e.g. dist.ReduceOp(dist.ReduceOp.SUM), a distinct object
+            return known
     raise CollectiveError(f"reduce op {op!r} is not supported; use ReduceOp.SUM or ReduceOp.MAX.")
 
 
@@ -192,13 +194,13 @@ def all_reduce(tensor: torch.Tensor, op="sum", group=None) -> torch.Tensor:
         return tensor
     try:
         resolved = _resolve_op(op)
-        _check_writable(tensor)
+        contiguous = _check_writable(tensor)
     except NeuronxDistributedError as error:
         _refuse(engines, "all_reduce", tensor, error)
     engine = _engine(engines, tensor)
     if _active_logs:
         _record("all_reduce", engine, tensor)
-    if tensor.is_contiguous():
+    if contiguous:
         engine.all_reduce_(tensor, resolved)
     else:
         contiguous = tensor.contiguous()
@@ -251,12 +253,12 @@ def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
         return tensor
     try:
         group_src = _group_rank_of(engines.group, src)
-        _check_writable(tensor)
+        contiguous = _check_writable(tensor)
     except NeuronxDistributedError as error:
         _refuse(engines, "broadcast", tensor, error)
     engine = _engine(engines, tensor)
     _record("broadcast", engine, tensor)
-    if tensor.is_contiguous():
+    if contiguous:
         engine.broadcast_(tensor, group_src)
     else:
         contiguous = tensor.contiguous()
@@ -281,16 +283,19 @@ def _check_tensor(tensor) -> None:
         raise CollectiveError(f"collectives take a torch.Tensor, got {type(tensor).__name__}; convert it first.")
 
 
-def _check_writable(tensor) -> None:
-    """An in-place collective needs a tensor whose elements each have their own memory."""
-    _check_tensor(tensor)
-    if not tensor.is_contiguous() and any(
-        stride == 0 and size > 1 for stride, size in zip(tensor.stride(), tensor.shape)
-    ):
+def _check_writable(tensor) -> bool:
+    """Whether `tensor` is contiguous; raises unless each of its elements has its own memory, which an
+    in-place collective needs."""
+    if type(tensor) is not torch.Tensor:
+        _check_tensor(tensor)
+    if tensor.is_contiguous():
+        return True
+    if any(stride == 0 and size > 1 for stride, size in zip(tensor.stride(), tensor.shape)):
         raise InputShapeError(
             f"an in-place collective cannot write a tensor whose elements share memory (shape "
             f"{tuple(tensor.shape)}, strides {tensor.stride()}, e.g. from expand()); pass tensor.clone()."
         )
+    return False
 
 
 def _check_dim(tensor, dim: int) -> int:

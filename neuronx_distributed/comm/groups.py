@@ -37,6 +37,8 @@ class GroupEngines:
         self.shm = ShmEngine(group, shm_handle) if shm_handle is not None else None
         self._shm_ops = ShmOpEngine(group) if shm_handle is not None else None
         self.hierarchical = hierarchical_engine
+        # By dtype for CPU tensors; by (device, dtype) for others (hashing a torch.device costs more).
+        self._chosen_cpu: dict[torch.dtype, Engine] = {}
         self._chosen: dict[tuple[torch.device, torch.dtype], Engine] = {}
         self.decisions = 0
 
@@ -89,9 +91,13 @@ class GroupEngines:
 
     def engine_for(self, tensor: torch.Tensor) -> Engine:
         """The eager engine for `tensor`'s device and dtype, decided at the first call for them."""
-        engine = self._chosen.get((tensor.device, tensor.dtype))
+        if tensor.is_cpu:
+            chosen, key = self._chosen_cpu, tensor.dtype
+        else:
+            chosen, key = self._chosen, (tensor.device, tensor.dtype)
+        engine = chosen.get(key)
         if engine is None:
-            engine = self._chosen[tensor.device, tensor.dtype] = self._decide(tensor)
+            engine = chosen[key] = self._decide(tensor)
             self.decisions += 1
         return engine
 
