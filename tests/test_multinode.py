@@ -21,6 +21,7 @@ import torch.distributed as dist
 from nodes import run_on_nodes, unavailable
 
 from neuronx_distributed import comm, parallel_state
+from neuronx_distributed.comm import hierarchical
 from neuronx_distributed.errors import NeuronxDistributedError
 
 SIZES = [1, 5, 7919, 600_001]  # odd sizes (not multiples of 2 ranks per node), and several 1 MiB shm chunks
@@ -33,6 +34,12 @@ def _inputs(dtype: torch.dtype, numel: int, seed: int) -> torch.Tensor:
     if dtype.is_floating_point:
         return torch.randn(numel, generator=generator).to(dtype)
     return torch.randint(-1000, 1000, (numel,), generator=generator, dtype=dtype)
+
+
+def _pipelined_sizes() -> list[tuple[torch.dtype, int]]:
+    """Sizes that the hierarchical all-reduce on 2 ranks per node runs in several pieces (k slots each)."""
+    piece_bytes = 2 * hierarchical.local_slot_bytes(2)
+    return [(torch.float32, piece_bytes // 4 * 3 // 2 + 3), (torch.bfloat16, piece_bytes // 2 + 2 * 7)]
 
 
 def _hierarchical_reference(inputs: list[torch.Tensor], hosts: list[str], op: str) -> torch.Tensor:
@@ -98,6 +105,11 @@ def _case_collectives() -> dict:
                 assert torch.equal(result, by_gloo), case
             report["digests"][case] = _digest(result)
         _check_gathers(group, group_name)
+    for dtype, numel in _pipelined_sizes():  # several pieces, the last one padded or not
+        data = _inputs(dtype, numel, numel)
+        result = comm.all_reduce(data.clone(), group=dist.group.WORLD)
+        assert torch.equal(result, _hierarchical_reference(_gather(data, dist.group.WORLD), hosts, "sum")), (dtype, numel)
+        report["digests"][f"pipelined {dtype} n={numel}"] = _digest(result)
     dist.destroy_process_group(odd)
     return report
 
@@ -226,7 +238,7 @@ def test_hierarchical_collectives_bit_identical_on_every_rank(job):
         assert report["engines"] == {"world": ["hierarchical", "torch"], "dp": ["hierarchical", "torch"]}
     assert [report["odd_group_engine"] for report in reports] == ["torch", "torch", "torch", None]
     digests = reports[0]["digests"]
-    assert len(digests) == 2 * len(DTYPES) * len(SIZES) * 2
+    assert len(digests) == 2 * len(DTYPES) * len(SIZES) * 2 + len(_pipelined_sizes())
     for rank, report in enumerate(reports[1:], start=1):
         differing = [case for case, digest in digests.items() if report["digests"][case] != digest]
         assert not differing, f"rank {rank} differs from rank 0 in {differing}"

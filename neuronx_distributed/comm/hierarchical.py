@@ -8,7 +8,7 @@ local-index-l ranks of all hosts (1/k of the data each, all k of them at once), 
 shared-memory all-gather of the k slices. Every rank of the group ends with the same bytes:
 each slice is reduced once, by one gloo call, and copied everywhere from there.
 
-The all-reduce runs in place, in pieces that each fit one shared-memory step (`local_slot_bytes`),
+The all-reduce runs in place, in pieces of k slots of the local segment (`local_slot_bytes`),
 pipelined: while gloo's worker thread reduces piece i across hosts, this thread runs piece
 i+1's reduce-scatter and piece i-1's all-gather (one broadcast from each local rank, straight
 into the caller's tensor). No buffer is allocated, no byte copied twice.
@@ -199,9 +199,12 @@ class HierarchicalEngine:
         self.agree(Call("all_reduce", self.name, tensor.dtype, tensor.numel(), op))
         flat = tensor.view(-1)
         count = flat.numel()
-        # Pieces of k slices of one reduce-scatter step each: piece i's gloo call runs on gloo's worker
-        # thread while this thread runs piece i+1's reduce-scatter and piece i-1's all-gather.
-        slice_max = self.local.handle.slot_bytes // (self._k * tensor.element_size())
+        # Pieces of k slices of one slot each (k reduce-scatter steps, one broadcast step per local rank):
+        # piece i's gloo call runs on gloo's worker thread while this thread runs piece i+1's
+        # reduce-scatter and piece i-1's all-gather. Fewer, larger pieces cost fewer rendezvous (and
+        # gloo calls); 16 MiB pieces took 71-76 ms of CPU over the 4 ranks for 25 MB where
+        # one-step pieces took 80-89 (2 simulated nodes x 2 ranks on 2 cores, 2026-12).
+        slice_max = self.local.handle.slot_bytes // tensor.element_size()
         pending, done = None, 0
         while done < count:
             slice_size = min(slice_max, -(-(count - done) // self._k))
