@@ -144,6 +144,36 @@ def test_non_contiguous_tensors_and_other_dims(pools):
     pools.run(2, 2, run_non_contiguous_and_other_dims)
 
 
+def run_every_spelling_of_an_op() -> str:
+    group = parallel_state.get_tensor_model_parallel_group()
+    rank = dist.get_rank(group)
+    # dist.ReduceOp(...) makes a distinct object equal to ReduceOp.SUM/MAX: the engines, which tell ops apart
+    # by identity, must get the canonical one.
+    spellings = {
+        "sum": ["sum", "SUM", dist.ReduceOp.SUM, dist.ReduceOp(dist.ReduceOp.SUM)],
+        "max": ["max", "Max", dist.ReduceOp.MAX, dist.ReduceOp(dist.ReduceOp.MAX)],
+    }
+    expected = {"sum": ([3.0, 6.0], [3.0 * (rank + 1)]), "max": ([2.0, 4.0], [2.0 * (rank + 1)])}
+    for backend in ("shm", "torch"):
+        _set_backend(backend)
+        try:
+            for name, ops in spellings.items():
+                for op in ops:
+                    with comm.record_collectives() as log:
+                        reduced = comm.all_reduce(torch.tensor([1.0, 2.0]) * (rank + 1), op=op, group=group)
+                        scattered = comm.reduce_scatter(torch.tensor([1.0, 2.0]) * (rank + 1), 0, op, group=group)
+                    got = (reduced.tolist(), scattered.tolist())
+                    if got != expected[name] or {engine for _, engine, _ in log.calls} != {backend}:
+                        raise AssertionError(f"{backend}, op {op!r}: {got} via {log.calls}, expected {expected[name]}")
+        finally:
+            _set_backend("auto")
+    return "ok"
+
+
+def test_every_spelling_of_an_op_reduces_as_named_on_either_engine(pools):
+    assert pools.run(2, 2, run_every_spelling_of_an_op) == ["ok", "ok"]
+
+
 def run_unsupported_dtypes() -> str:
     group = parallel_state.get_tensor_model_parallel_group()
     integers = torch.arange(6)
