@@ -2,7 +2,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <random>
 
 #include "reduce_kernels.hpp"
 #include "typed_buffer.hpp"
@@ -53,42 +55,92 @@ TEST_P(ReduceKernels, DestinationMayAliasASourceAndMirrorGetsTheSameValues) {
   EXPECT_EQ(mirror.bytes(), a.bytes());
 }
 
+// 40 elements: vector rows (8 or 16 lanes) and a scalar tail; every case sits at every position.
+constexpr size_t kRowsAndTail = 40;
+
 TEST_P(ReduceKernels, MaxPropagatesNaN) {
   const DType dtype = GetParam();
-  TypedBuffer a(dtype, 3), b(dtype, 3), out(dtype, 3);
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  a.set(0, nan), b.set(0, 1.0);
-  a.set(1, 1.0), b.set(1, nan);
-  a.set(2, -2.0), b.set(2, 3.0);
-  const void* sources[] = {a.data(), b.data()};
-  reduce(dtype, ReduceOp::Max, out.data(), nullptr, sources, 2, 3);
-  EXPECT_TRUE(std::isnan(out.get(0)));
-  EXPECT_TRUE(std::isnan(out.get(1)));
-  EXPECT_EQ(out.get(2), 3.0);
+  const double cases[][2] = {{nan, 1.0}, {1.0, nan}, {-2.0, 3.0}};
+  for (size_t c = 0; c < std::size(cases); ++c) {
+    TypedBuffer a(dtype, kRowsAndTail), b(dtype, kRowsAndTail), out(dtype, kRowsAndTail);
+    for (size_t i = 0; i < kRowsAndTail; ++i) a.set(i, cases[c][0]), b.set(i, cases[c][1]);
+    const void* sources[] = {a.data(), b.data()};
+    reduce(dtype, ReduceOp::Max, out.data(), nullptr, sources, 2, kRowsAndTail);
+    for (size_t i = 0; i < kRowsAndTail; ++i) {
+      if (c < 2) EXPECT_TRUE(std::isnan(out.get(i))) << "case " << c << " element " << i;
+      else EXPECT_EQ(out.get(i), 3.0) << "element " << i;
+    }
+  }
+}
+
+// Rows and the tail must compute each element alike: element i reduced among kRowsAndTail (in a
+// row, or in the tail) has the bits of element i reduced alone. Inexact values, signed zeros,
+// infinities and NaN; sums that overflow float16 and round in bfloat16.
+TEST_P(ReduceKernels, EveryElementHasTheSameBitsInARowAndAlone) {
+  const DType dtype = GetParam();
+  const double special[] = {0.0, -0.0, std::numeric_limits<double>::infinity(),
+                            -std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN(),
+                            65504.0, 1e-6};
+  std::mt19937 random(7);
+  std::uniform_real_distribution<double> uniform(-1, 1);
+  std::vector<TypedBuffer> sources(3, TypedBuffer(dtype, kRowsAndTail));
+  std::vector<const void*> pointers;
+  for (size_t s = 0; s < sources.size(); ++s) {
+    for (size_t i = 0; i < kRowsAndTail; ++i) {
+      sources[s].set(i, (i + s) % 5 == 0 ? special[(i + s) % std::size(special)] : uniform(random) * 300);
+    }
+    pointers.push_back(sources[s].data());
+  }
+  const size_t element = dtype_size(dtype);
+  for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Max}) {
+    TypedBuffer all(dtype, kRowsAndTail), mirror(dtype, kRowsAndTail);
+    reduce(dtype, op, all.data(), mirror.data(), pointers.data(), pointers.size(), kRowsAndTail);
+    EXPECT_EQ(mirror.bytes(), all.bytes());
+    for (size_t i = 0; i < kRowsAndTail; ++i) {
+      std::vector<const void*> one;
+      for (const void* p : pointers) one.push_back(static_cast<const unsigned char*>(p) + i * element);
+      TypedBuffer alone(dtype, 1);
+      reduce(dtype, op, alone.data(), nullptr, one.data(), one.size(), 1);
+      EXPECT_EQ(std::memcmp(alone.data(), all.bytes().data() + i * element, element), 0)
+          << dtype_name(dtype) << " " << reduce_op_name(op) << " element " << i << ": " << alone.get(0) << " alone, "
+          << all.get(i) << " in a row";
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(AllDTypes, ReduceKernels, ::testing::ValuesIn(kAllDTypes),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
 
+// Reduces one element's sources, placed at every position of kRowsAndTail elements.
+std::vector<double> reduce_everywhere(DType dtype, const std::vector<double>& values) {
+  std::vector<TypedBuffer> sources(values.size(), TypedBuffer(dtype, kRowsAndTail));
+  std::vector<const void*> pointers;
+  for (size_t s = 0; s < values.size(); ++s) {
+    for (size_t i = 0; i < kRowsAndTail; ++i) sources[s].set(i, values[s]);
+    pointers.push_back(sources[s].data());
+  }
+  TypedBuffer out(dtype, kRowsAndTail);
+  reduce(dtype, ReduceOp::Sum, out.data(), nullptr, pointers.data(), pointers.size(), kRowsAndTail);
+  std::vector<double> results;
+  for (size_t i = 0; i < kRowsAndTail; ++i) results.push_back(out.get(i));
+  return results;
+}
+
 TEST(ReduceKernelsBFloat16, AccumulatesInFloat32AndRoundsToNearestEven) {
   // 256 + 1 + 1: in bfloat16 each partial sum would round back to 256; float32 keeps 258.
-  TypedBuffer a(DType::BFloat16, 1), b(DType::BFloat16, 1), c(DType::BFloat16, 1), out(DType::BFloat16, 1);
-  a.set(0, 256.0), b.set(0, 1.0), c.set(0, 1.0);
-  const void* sources[] = {a.data(), b.data(), c.data()};
-  reduce(DType::BFloat16, ReduceOp::Sum, out.data(), nullptr, sources, 3, 1);
-  EXPECT_EQ(out.get(0), 258.0);
+  for (double sum : reduce_everywhere(DType::BFloat16, {256.0, 1.0, 1.0})) EXPECT_EQ(sum, 258.0);
   // 256 + 1 = 257 lies halfway between 256 and 258: ties go to the even mantissa, 256.
-  reduce(DType::BFloat16, ReduceOp::Sum, out.data(), nullptr, sources, 2, 1);
-  EXPECT_EQ(out.get(0), 256.0);
+  for (double sum : reduce_everywhere(DType::BFloat16, {256.0, 1.0})) EXPECT_EQ(sum, 256.0);
+  // 258 + 1 = 259 lies halfway between 258 and 260: the even mantissa is 260's.
+  for (double sum : reduce_everywhere(DType::BFloat16, {258.0, 1.0})) EXPECT_EQ(sum, 260.0);
 }
 
 TEST(ReduceKernelsFloat16, AccumulatesInFloat32) {
   // 2048 + 1 + 1: float16 partial sums would stay at 2048.
-  TypedBuffer a(DType::Float16, 1), b(DType::Float16, 1), c(DType::Float16, 1), out(DType::Float16, 1);
-  a.set(0, 2048.0), b.set(0, 1.0), c.set(0, 1.0);
-  const void* sources[] = {a.data(), b.data(), c.data()};
-  reduce(DType::Float16, ReduceOp::Sum, out.data(), nullptr, sources, 3, 1);
-  EXPECT_EQ(out.get(0), 2050.0);
+  for (double sum : reduce_everywhere(DType::Float16, {2048.0, 1.0, 1.0})) EXPECT_EQ(sum, 2050.0);
+  // 2048 + 1 is halfway between 2048 and 2050: the even mantissa, 2048.
+  for (double sum : reduce_everywhere(DType::Float16, {2048.0, 1.0})) EXPECT_EQ(sum, 2048.0);
 }
 
 }  // namespace
