@@ -108,7 +108,8 @@ def _case_collectives() -> dict:
     for dtype, numel in _pipelined_sizes():  # several pieces, the last one padded or not
         data = _inputs(dtype, numel, numel)
         result = comm.all_reduce(data.clone(), group=dist.group.WORLD)
-        assert torch.equal(result, _hierarchical_reference(_gather(data, dist.group.WORLD), hosts, "sum")), (dtype, numel)
+        reference = _hierarchical_reference(_gather(data, dist.group.WORLD), hosts, "sum")
+        assert torch.equal(result, reference), (dtype, numel)
         report["digests"][f"pipelined {dtype} n={numel}"] = _digest(result)
     dist.destroy_process_group(odd)
     return report

@@ -45,9 +45,10 @@ from .shm_groups import DEFAULT_SLOT_BYTES, GroupRegistry
 
 # /dev/shm that each host's local segment takes (two sets of k slots). Every shared-memory step is a
 # rendezvous of the host's ranks; with more ranks than cores (2 simulated nodes x 2 ranks on 2
-# cores, 2026-12) each costs a context switch, and 25 MB all-reduces took 19 ms of reduce-scatter
-# with 8 MiB slots against 40 ms with the 1 MiB slots of a one-host group. 32 MiB fits beside
-# the one-host groups in a container's default 64 MB /dev/shm.
+# cores, 2026-12) each costs context switches, and the in-place reduce-scatter of 25 MB took 20 ms
+# with 16 MiB slots against 40 ms with the 1 MiB slots of a one-host group (same run; 16-24 ms
+# with 8 MiB). 32 MiB (8 MiB slots for 2 ranks per host) fits beside the one-host groups in a
+# container's default 64 MB /dev/shm.
 LOCAL_SEGMENT_BYTES = 32 << 20
 
 _COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier")
