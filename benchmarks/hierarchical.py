@@ -19,6 +19,14 @@ pipelines the last three, piece by piece):
   local reduce-scatter shared memory, in place: local rank l ends with its host's sum of slice l
   gloo across          torch.distributed.all_reduce of slice l among the local-index-l ranks
   local all-gather     one shared-memory broadcast from each local rank, in place
+Where the time goes on simulated nodes: gloo's "network" is loopback TCP, which costs about one
+memcpy per byte on each side, so per rank plain gloo moves 3 copies of the tensor (a ring over 4
+ranks) and the hierarchical engine 2.5 (half into shared memory, half sent and half received
+across, one in the all-gather), both reducing 3/4 of it; with 4 ranks on 2 busy cores the CPU
+time decides, and the speed-up stays near that ratio. Across real
+hosts the cross-host part runs as k gloo all-reduces of 1/k of the data each, over H hosts
+instead of a ring over all H x k ranks (2(H-1) steps each instead of 2(Hk-1)).
+
 All rows alternate call by call (so load on the machine hits them alike); a call's time is the
 slowest rank's, from a barrier to its return. The table gives the median and the range (min-max)
 of the calls, and the CPU time (user + system, every thread) summed over the ranks, median.
