@@ -171,12 +171,14 @@ def _record(name: str, engine: Engine, tensor: torch.Tensor) -> None:
 def _resolve_op(op) -> dist.ReduceOp:
     """`op` as the very object dist.ReduceOp.SUM or dist.ReduceOp.MAX: engines tell ops apart by identity,
     since hashing or comparing a ReduceOp by value costs up to 1 us (bound C++ calls)."""
+    if type(op) is str:  # the common case: "sum" (the default) or "max"
+        resolved = _REDUCE_OPS.get(op)
+        if resolved is not None:
+            return resolved
     if op is _SUM or op is _MAX:
         return op
     if isinstance(op, str):
-        resolved = _REDUCE_OPS.get(op)
-        if resolved is None:
-            resolved = _REDUCE_OPS.get(op.lower())
+        resolved = _REDUCE_OPS.get(op.lower())
         if resolved is None:
             raise CollectiveError(f"reduce op {op!r} is not supported; use 'sum' or 'max'.")
         return resolved
