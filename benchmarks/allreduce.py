@@ -1,6 +1,6 @@
 """All-reduce latency and bandwidth, 4 KB to 64 MB, launched the way users launch (torchrun, TCP store):
 
-    torchrun --standalone --nproc_per_node=2 benchmarks/allreduce.py [--rounds 31]
+    torchrun --standalone --nproc_per_node=2 benchmarks/allreduce.py [--rounds 31] [--sizes 4KB,1MB]
 
 One row per path to the same collective, all measured in the same run:
   engine    the shared-memory engine's own call: the bound C++ function on a DLPack capsule
@@ -11,8 +11,8 @@ One row per path to the same collective, all measured in the same run:
 
 The paths are interleaved: each round times one batch of calls of every path, in an order shuffled
 from round to round, so that load from other processes falls on all of them alike. Each call is
-timed on its own and a batch counts as its median call (a call that waited for a descheduled
-peer does not count as the engine's cost); a path's time is the median over rounds [IQR: 25th to
+timed on its own and a batch counts as its median call (the few calls that waited for a
+descheduled peer do not sway it); a path's time is the median over rounds [IQR: 25th to
 75th percentile], and the ratio columns are medians of the per-round ratios [IQR].
 
 On a machine shared with other jobs, a rank that spins for its peer while the peer waits for a
