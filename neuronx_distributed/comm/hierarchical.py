@@ -11,7 +11,8 @@ each slice is reduced once, by one gloo call, and copied everywhere from there.
 The all-reduce runs in place, in pieces of k slots of the local segment (`local_slot_bytes`),
 pipelined: while gloo's worker thread reduces piece i across hosts, this thread runs piece
 i+1's reduce-scatter and piece i-1's all-gather (one broadcast from each local rank, straight
-into the caller's tensor). No buffer is allocated, no byte copied twice.
+into the caller's tensor). No buffer is allocated but for a last piece that is zero-padded to k
+equal slices.
 
 `reduce_scatter`, `all_gather` and `broadcast` take the same two levels; `barrier` is the
 agreement below. Tensors that shared memory does not run (other dtypes) go to
@@ -217,7 +218,7 @@ class HierarchicalEngine:
                 rows, padded = flat.new_zeros(self._k, slice_size), piece
                 rows.view(-1)[: piece.numel()].copy_(piece)
             mine = rows[self.local_index]
-            # In place: each block of the reduction reads every source before writing the output.
+            # In place (the C++ reduction's output may alias a source, csrc/reduce_kernels.hpp).
             self._local_call("reduce_scatter", to_dlpack(rows), to_dlpack(mine), _OP_NAMES[op])
             work = dist.all_reduce(mine, op=op, group=self.across.group, async_op=True)
             if pending is not None:
