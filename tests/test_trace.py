@@ -80,6 +80,17 @@ def build_running_total():
     return model, {model.total: 1}
 
 
+class ThreadCount(nn.Module):
+    """Returns x + the intra-op thread count of the process that traced it (a constant of the program)."""
+
+    def forward(self, x):
+        return x + torch.get_num_threads()
+
+
+def build_thread_count() -> nn.Module:
+    return ThreadCount()
+
+
 def build_failing_on_rank_1() -> nn.Module:
     from neuronx_distributed import parallel_state
 
@@ -357,6 +368,20 @@ def test_trace_arguments_that_cannot_work_fail_before_starting_workers():
         parallel_model_trace(build_block, x, tp_degree=2, call_timeout_s=0)
     with pytest.raises(TraceFunctionError, match="threads_per_worker"):
         parallel_model_trace(build_block, x, tp_degree=2, threads_per_worker=-1)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a CPU affinity of two or more cores to narrow")
+def test_default_threads_divide_the_cores_the_caller_may_use():
+    # Under `taskset -c 0` (or a container's CPU set) a worker must not start a thread per core of the machine.
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})  # this thread's affinity, which the spawned workers inherit
+    try:
+        with parallel_model_trace(build_thread_count, torch.zeros(1), tp_degree=1) as model:
+            threads = model(torch.zeros(1))
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert threads.item() == 1
 
 
 def _stopped_worker_call(model, message: str) -> None:

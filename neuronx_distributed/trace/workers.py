@@ -42,8 +42,10 @@ DEFAULT_CALL_TIMEOUT_S = 600.0
 
 
 def default_threads_per_worker(tp_degree: int) -> int:
-    """The CPU cores divided among the workers, at least one thread each."""
-    return max(1, (os.cpu_count() or 1) // tp_degree)
+    """The cores this process may run on (its CPU affinity, which the workers inherit) divided among
+    the workers, at least one thread each."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // tp_degree)
 
 
 class WorkerGroup:
