@@ -10,15 +10,19 @@ Columns, ms per call:
   eager         the TP=2 model called inside its 2 worker processes (1 call = both ranks)
   exported      the same workers running the torch.export program of their shard as a traced worker runs it
   traced        TensorParallelModel from parallel_model_trace(tp_degree=2), called from this process
-  ratio         traced / untraced (median over rounds of the rounds' medians)
+  ratio         traced / untraced (median over rounds of the rounds' medians; then the
+                lowest and highest round, which show how much other load moved it)
   dispatch      traced - exported: the caller's share (inputs into shared memory, waking the
                 workers, waiting, copying rank 0's outputs back)
 Every column is measured in the same rounds: each round runs `--calls` calls of each column in
 turn (the first call after a switch is not counted), so load from other processes falls on all
 columns alike. A tiny ColumnParallelLinear (8 -> 16, no collective) shows the dispatch with
 almost no compute. Each traced model's outputs are checked against the untraced model first.
+`--breakdown` then profiles each MiniLM row's forward (untraced, and TP rank 0's exported
+program) by operator kind: matmuls, attention, all-reduces, other operators, Python between them.
 
     HF_HUB_OFFLINE=1 python benchmarks/trace_latency.py [--calls 10] [--rounds 5]
+        [--models tutorial parallelize parallelize-b8 tiny] [--breakdown]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 SEQ = 128
 TP = 2
 COLUMNS = ("untraced", "eager", "exported", "traced")
+MODELS = ("tutorial", "parallelize", "parallelize-b8", "tiny")  # rows; "-b8": batch 8 instead of 1
 
 def timed_calls_ms(call, calls: int, before_each=lambda: None) -> list[float]:
     """`calls` timings of `call()` after one untimed call (it absorbs the switch from another column)."""
@@ -53,6 +58,44 @@ def timed_calls_ms(call, calls: int, before_each=lambda: None) -> list[float]:
             call()
             times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+# Where a forward's time goes: operators by what they do (self time, so a linear's matmul counts once).
+CATEGORIES = (
+    ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("attention", ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_softmax")),
+    ("all-reduces", ("nxd::", "c10d::allreduce")),
+)
+
+
+BREAKDOWN_ROWS = (*[name for name, _ in CATEGORIES], "other ops", "Python between ops", "whole forward")
+
+
+def op_breakdown_ms(call, calls: int, before_each=lambda: None) -> dict[str, float]:
+    """ms per call of each CATEGORIES entry and of everything else, from torch.profiler's self times.
+
+    An all-reduce's time includes waiting for the slower rank to arrive. `before_each` runs
+    outside the profiled region.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        before_each()
+        call()
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            for _ in range(calls):
+                with torch.profiler.record_function("forward"):
+                    call()
+                before_each()
+    totals = dict.fromkeys(BREAKDOWN_ROWS, 0.0)
+    for event in profiler.key_averages():
+        if event.key == "forward":
+            totals["Python between ops"] += event.self_cpu_time_total / 1e3 / calls
+            totals["whole forward"] = event.cpu_time_total / 1e3 / calls
+        elif not event.key.startswith(("c10d::barrier", "gloo:barrier")):
+            name = next((name for name, prefixes in CATEGORIES if event.key.startswith(prefixes)), "other ops")
+            totals[name] += event.self_cpu_time_total / 1e3 / calls
+    return totals
 
 
 def build_tiny_layer():
@@ -92,9 +135,12 @@ def _tp_worker(rank: int, store_path: str, build, inputs: tuple, commands, resul
         if command == "stop":
             break
         column, calls = command, *arguments
-        times = timed_calls_ms(callables[column], calls, partial(dist.barrier))
+        if column == "breakdown":
+            report = op_breakdown_ms(callables["exported"], calls, partial(dist.barrier))
+        else:
+            report = timed_calls_ms(callables[column], calls, partial(dist.barrier))
         if rank == 0:
-            results.put(times)
+            results.put(report)
     dist.destroy_process_group()
 
 
@@ -124,7 +170,7 @@ class TPWorkers:
 
 
 def measure(build, inputs: tuple, untraced, rounds: int, calls: int, tmp: str, tag: str, check=None):
-    """Rounds of every column in turn; returns (medians per column, median traced/untraced ratio, workers)."""
+    """Rounds of every column in turn; returns (medians per column, each round's traced/untraced ratio, workers)."""
     from neuronx_distributed.trace import parallel_model_trace
 
     workers = TPWorkers(build, inputs, tmp, tag)
@@ -146,7 +192,7 @@ def measure(build, inputs: tuple, untraced, rounds: int, calls: int, tmp: str, t
                 times[column] += block
                 medians[column] = statistics.median(block)
             ratios.append(medians["traced"] / medians["untraced"])
-    return {column: statistics.median(values) for column, values in times.items()}, statistics.median(ratios), workers
+    return {column: statistics.median(values) for column, values in times.items()}, ratios, workers
 
 
 def same_outputs_as(expected):
@@ -156,50 +202,76 @@ def same_outputs_as(expected):
     return check
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=10, help="timed calls per column per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    import tp_inference_minilm as example
-    from transformers import AutoModel, AutoTokenizer
-
+def print_table(rows, args, load_before) -> None:
     from neuronx_distributed.trace.workers import default_threads_per_worker
-
-    tokenizer = AutoTokenizer.from_pretrained(example.MODEL_DIR)
-    reference = AutoModel.from_pretrained(example.MODEL_DIR).eval()
-    rows = []
-    load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = os.path.join(tmp, "bert.pt")
-        torch.save({"model": reference.state_dict()}, checkpoint)
-        tutorial = partial(example.get_model, checkpoint)
-        for name, build, batch in (("parallelize", build_parallelized, 1), ("parallelize", build_parallelized, 8),
-                                   ("tutorial", tutorial, 1)):
-            inputs = example.encode(tokenizer, (example.SENTENCES * batch)[:batch], max_length=SEQ)
-            with torch.inference_mode():
-                expected = reference(*inputs)
-            medians, ratio, workers = measure(build, inputs, reference, args.rounds, args.calls, tmp,
-                                              f"{name}{batch}", same_outputs_as(expected))
-            workers.stop()
-            rows.append((f"MiniLM {name} b={batch} s={SEQ}", medians, ratio))
-        tiny, _, workers = measure(build_tiny_layer, (torch.randn(1, 8),), None, args.rounds, args.calls * 20, tmp,
-                                   "tiny")
-        workers.stop()
-        rows.append(("tiny layer (dispatch)", tiny, float("nan")))
 
     load = ", ".join(f"{value:.1f}" for value in (*load_before, *os.getloadavg()))
     print(f"\n{os.cpu_count()} CPU cores (load averages before, after: {load}), torch {torch.__version__}, "
           f"TP={TP} workers with {default_threads_per_worker(TP)} thread(s) each, untraced with "
           f"{torch.get_num_threads()}; ms per call, medians of {args.rounds} rounds x {args.calls} calls\n")
     header = ["model", "untraced 1 proc", "eager TP=2", "exported TP=2", "traced TP=2", "traced / untraced",
-              "dispatch overhead"]
+              "rounds' ratios min-max", "dispatch overhead"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for name, medians, ratio in rows:
+    for name, medians, ratios in rows:
         cells = [f"{medians[column]:.3f}" if medians[column] == medians[column] else "-" for column in COLUMNS]
-        ratio_cell = f"{ratio:.2f}x" if ratio == ratio else "-"
-        print(f"| {name} | " + " | ".join(cells) + f" | {ratio_cell} | {medians['traced'] - medians['exported']:.3f} |")
+        ratio_cells = (f"{statistics.median(ratios):.2f}x", f"{min(ratios):.2f}-{max(ratios):.2f}") if ratios else ("-", "-")
+        print(f"| {name} | " + " | ".join(cells) + f" | {' | '.join(ratio_cells)} | "
+              f"{medians['traced'] - medians['exported']:.3f} |")
+
+
+def print_breakdown(name: str, untraced: dict, tensor_parallel: dict, calls: int) -> None:
+    print(f"\nWhere a forward's time goes, {name}: ms per call (torch.profiler self time, {calls} calls; "
+          "an all-reduce includes waiting for the other rank)\n")
+    print(f"| operators | untraced 1 proc, {torch.get_num_threads()} threads | exported TP={TP}, rank 0 |")
+    print("|---|---|---|")
+    for row in BREAKDOWN_ROWS:
+        print(f"| {row} | {untraced[row]:.3f} | {tensor_parallel[row]:.3f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=10, help="timed calls per column per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="rows to measure")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also profile each MiniLM row's forward by operator kind (untraced and TP rank 0)")
+    args = parser.parse_args()
+    import tp_inference_minilm as example
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(example.MODEL_DIR)
+    reference = AutoModel.from_pretrained(example.MODEL_DIR).eval()
+    rows, breakdowns = [], []
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = os.path.join(tmp, "bert.pt")
+        torch.save({"model": reference.state_dict()}, checkpoint)
+        builds = {"parallelize": build_parallelized, "tutorial": partial(example.get_model, checkpoint)}
+        for model in args.models:
+            if model == "tiny":
+                tiny, _, workers = measure(build_tiny_layer, (torch.randn(1, 8),), None, args.rounds,
+                                           args.calls * 20, tmp, "tiny")
+                workers.stop()
+                rows.append(("tiny layer (dispatch)", tiny, []))
+                continue
+            name, _, batch = model.partition("-b")
+            batch = int(batch or 1)
+            inputs = example.encode(tokenizer, (example.SENTENCES * batch)[:batch], max_length=SEQ)
+            with torch.inference_mode():
+                expected = reference(*inputs)
+            medians, ratios, workers = measure(builds[name], inputs, reference, args.rounds, args.calls, tmp,
+                                               model, same_outputs_as(expected))
+            label = f"MiniLM {name} b={batch} s={SEQ}"
+            if args.breakdown:
+                untraced = op_breakdown_ms(lambda: reference(*inputs), args.calls)
+                breakdowns.append((label, untraced, workers.run("breakdown", args.calls)))
+            workers.stop()
+            rows.append((label, medians, ratios))
+    print_table(rows, args, load_before)
+    for label, untraced, tensor_parallel in breakdowns:
+        print_breakdown(label, untraced, tensor_parallel, args.calls)
+
 
 if __name__ == "__main__":
     main()
