@@ -38,16 +38,16 @@ PATHS = ["engine", "op", "comm", "gloo", "memcpy"]
 
 
 def calls_per_batch(nbytes: int) -> int:
-    """Calls timed in one batch: many for small tensors, one for large ones."""
-    return max(1, min(200, (2 << 20) // nbytes))
+    """Calls timed in one batch: 200 for small tensors, fewer from 256 KB up, one from 32 MB up."""
+    return max(1, min(200, (32 << 20) // nbytes))
 
 
 def batch_timer(fn):
     """A timer of `fn` (a collective: every rank makes as many calls): the median seconds of one call in a
-    batch, after a few untimed calls that bring every rank of the batch into step."""
+    batch, after untimed calls (a tenth as many, at least one) that bring every rank into step."""
 
     def median_seconds(calls: int) -> float:
-        for _ in range(calls // 10):
+        for _ in range(max(1, calls // 10)):
             fn()
         times = []
         for _ in range(calls):
