@@ -36,10 +36,10 @@ def _inputs(dtype: torch.dtype, numel: int, seed: int) -> torch.Tensor:
     return torch.randint(-1000, 1000, (numel,), generator=generator, dtype=dtype)
 
 
-def _pipelined_sizes() -> list[tuple[torch.dtype, int]]:
-    """Sizes that the hierarchical all-reduce on 2 ranks per node runs in several pieces (k slots each)."""
-    piece_bytes = 2 * hierarchical.local_slot_bytes(2)
-    return [(torch.float32, piece_bytes // 4 * 3 // 2 + 3), (torch.bfloat16, piece_bytes // 2 + 2 * 7)]
+def _large_sizes() -> list[tuple[torch.dtype, int]]:
+    """Sizes of several slots of the local segment (2 ranks per node): odd (the last element padded) and even."""
+    slots_bytes = 3 * hierarchical.local_slot_bytes(2)
+    return [(torch.float32, slots_bytes // 4 + 3), (torch.bfloat16, slots_bytes // 2 + 2 * 7)]
 
 
 def _hierarchical_reference(inputs: list[torch.Tensor], hosts: list[str], op: str) -> torch.Tensor:
@@ -105,12 +105,12 @@ def _case_collectives() -> dict:
                 assert torch.equal(result, by_gloo), case
             report["digests"][case] = _digest(result)
         _check_gathers(group, group_name)
-    for dtype, numel in _pipelined_sizes():  # several pieces, the last one padded or not
+    for dtype, numel in _large_sizes():
         data = _inputs(dtype, numel, numel)
         result = comm.all_reduce(data.clone(), group=dist.group.WORLD)
         reference = _hierarchical_reference(_gather(data, dist.group.WORLD), hosts, "sum")
         assert torch.equal(result, reference), (dtype, numel)
-        report["digests"][f"pipelined {dtype} n={numel}"] = _digest(result)
+        report["digests"][f"large {dtype} n={numel}"] = _digest(result)
     dist.destroy_process_group(odd)
     return report
 
@@ -239,7 +239,7 @@ def test_hierarchical_collectives_bit_identical_on_every_rank(job):
         assert report["engines"] == {"world": ["hierarchical", "torch"], "dp": ["hierarchical", "torch"]}
     assert [report["odd_group_engine"] for report in reports] == ["torch", "torch", "torch", None]
     digests = reports[0]["digests"]
-    assert len(digests) == 2 * len(DTYPES) * len(SIZES) * 2 + len(_pipelined_sizes())
+    assert len(digests) == 2 * len(DTYPES) * len(SIZES) * 2 + len(_large_sizes())
     for rank, report in enumerate(reports[1:], start=1):
         differing = [case for case, digest in digests.items() if report["digests"][case] != digest]
         assert not differing, f"rank {rank} differs from rank 0 in {differing}"

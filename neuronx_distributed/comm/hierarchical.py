@@ -8,11 +8,12 @@ local-index-l ranks of all hosts (1/k of the data each, all k of them at once), 
 shared-memory all-gather of the k slices. Every rank of the group ends with the same bytes:
 each slice is reduced once, by one gloo call, and copied everywhere from there.
 
-The all-reduce runs in place, in pieces of k slots of the local segment (`local_slot_bytes`),
-pipelined: while gloo's worker thread reduces piece i across hosts, this thread runs piece
-i+1's reduce-scatter and piece i-1's all-gather (one broadcast from each local rank, straight
-into the caller's tensor). No buffer is allocated but for a last piece that is zero-padded to k
-equal slices.
+The all-reduce runs in place: the reduce-scatter writes each rank's slice of the caller's tensor,
+gloo reduces that slice in place, and the all-gather is one shared-memory broadcast from each
+local rank straight into the tensor; only the last count % k elements go through a zero-padded
+buffer (a second, tiny round). No pipelining of pieces: with the cores busy (2 simulated nodes x
+2 ranks on 2 cores, 2026-12) gloo's worker thread and the shared-memory steps compete for them,
+and pipelined pieces took 29-30 ms for 25 MB and 112 ms for 100 MB where one piece took 27 and 105.
 
 `reduce_scatter`, `all_gather` and `broadcast` take the same two levels; `barrier` is the
 agreement below. Tensors that shared memory does not run (other dtypes) go to
@@ -201,39 +202,23 @@ class HierarchicalEngine:
         self.agree(Call("all_reduce", self.name, tensor.dtype, tensor.numel(), op))
         flat = tensor.view(-1)
         count = flat.numel()
-        # Pieces of k slices of one slot each (k reduce-scatter steps, one broadcast step per local rank):
-        # piece i's gloo call runs on gloo's worker thread while this thread runs piece i+1's
-        # reduce-scatter and piece i-1's all-gather. Fewer, larger pieces cost fewer rendezvous (and
-        # gloo calls); 16 MiB pieces took 71-76 ms of CPU over the 4 ranks for 25 MB where
-        # one-step pieces took 80-89 (2 simulated nodes x 2 ranks on 2 cores, 2026-12).
-        slice_max = self.local.handle.slot_bytes // tensor.element_size()
-        pending, done = None, 0
-        while done < count:
-            slice_size = min(slice_max, -(-(count - done) // self._k))
-            piece = flat[done : done + slice_size * self._k]
-            done += piece.numel()
-            if piece.numel() == slice_size * self._k:
-                rows, padded = piece.view(self._k, slice_size), None
-            else:  # the last piece, zero-padded to k equal slices; the padding is reduced too and dropped
-                rows, padded = flat.new_zeros(self._k, slice_size), piece
-                rows.view(-1)[: piece.numel()].copy_(piece)
-            mine = rows[self.local_index]
-            # In place (the C++ reduction's output may alias a source, csrc/reduce_kernels.hpp).
-            self._local_call("reduce_scatter", to_dlpack(rows), to_dlpack(mine), _OP_NAMES[op])
-            work = dist.all_reduce(mine, op=op, group=self.across.group, async_op=True)
-            if pending is not None:
-                self._gather_piece(*pending)
-            pending = (work, rows, padded)
-        if pending is not None:
-            self._gather_piece(*pending)
+        whole = count // self._k * self._k
+        if whole:
+            self._all_reduce_rows(flat[:whole].view(self._k, -1), op)
+        if whole < count:  # the last count % k elements, zero-padded to one per local rank
+            rows = flat.new_zeros(self._k, 1)
+            rows.view(-1)[: count - whole].copy_(flat[whole:])
+            self._all_reduce_rows(rows, op)
+            flat[whole:].copy_(rows.view(-1)[: count - whole])
 
-    def _gather_piece(self, work, rows, padded):
-        """Once the piece's gloo call is done: every local rank's slice to every local rank, in place."""
-        work.wait()
+    def _all_reduce_rows(self, rows, op):
+        """All-reduce a (k, n) tensor in place: row l is local rank l's slice."""
+        mine = rows[self.local_index]
+        # In place (the C++ reduction's output may alias a source, csrc/reduce_kernels.hpp).
+        self._local_call("reduce_scatter", to_dlpack(rows), to_dlpack(mine), _OP_NAMES[op])
+        dist.all_reduce(mine, op=op, group=self.across.group)
         for root in range(self._k):
             self._local_call("broadcast", to_dlpack(rows[root]), root)
-        if padded is not None:
-            padded.copy_(rows.view(-1)[: padded.numel()])
 
     def reduce_scatter(self, tensor, op):
         self.agree(Call("reduce_scatter", self.name, tensor.dtype, tensor.numel(), op))
