@@ -13,8 +13,8 @@ On real nodes, the same measurement under torchrun, run on every node:
 Rows, each on a group of all the ranks:
   nxd       neuronx_distributed.comm.all_reduce: shared memory inside each node, gloo across on 1/k
   gloo      torch.distributed.all_reduce on a gloo group
-and, with --phases, the hierarchical engine's steps, each alone on the whole tensor (the engine
-pipelines the last three, piece by piece):
+and, with --phases, the hierarchical engine's steps, each alone on the whole tensor (what the
+engine runs one after the other):
   agree                the call's description compared over the group (shm max, then gloo max across)
   local reduce-scatter shared memory, in place: local rank l ends with its host's sum of slice l
   gloo across          torch.distributed.all_reduce of slice l among the local-index-l ranks
