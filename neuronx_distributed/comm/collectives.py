@@ -222,7 +222,8 @@ def all_gather(tensor: torch.Tensor, dim: int = -1, group=None) -> torch.Tensor:
     except NeuronxDistributedError as error:
         _refuse(engines, "all_gather", tensor, error)
     engine = _engine(engines, tensor)
-    _record("all_gather", engine, tensor)
+    if _active_logs:
+        _record("all_gather", engine, tensor)
     stacked = engine.all_gather(tensor.contiguous())  # (world, *shape)
     shape = list(tensor.shape)
     shape[dim] *= world
@@ -242,7 +243,8 @@ def reduce_scatter(tensor: torch.Tensor, dim: int = -1, op="sum", group=None) ->
     except NeuronxDistributedError as error:
         _refuse(engines, "reduce_scatter", tensor, error)
     engine = _engine(engines, tensor)
-    _record("reduce_scatter", engine, tensor)
+    if _active_logs:
+        _record("reduce_scatter", engine, tensor)
     chunk = tensor.shape[dim] // world
     split = tensor.unflatten(dim, (world, chunk)).movedim(dim, 0).contiguous()
     return engine.reduce_scatter(split, resolved)
@@ -254,12 +256,13 @@ def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
     if engines.size == 1:
         return tensor
     try:
-        group_src = _group_rank_of(engines.group, src)
+        group_src = _group_rank_of(engines, src)
         contiguous = _check_writable(tensor)
     except NeuronxDistributedError as error:
         _refuse(engines, "broadcast", tensor, error)
     engine = _engine(engines, tensor)
-    _record("broadcast", engine, tensor)
+    if _active_logs:
+        _record("broadcast", engine, tensor)
     if contiguous:
         engine.broadcast_(tensor, group_src)
     else:
@@ -276,7 +279,8 @@ def barrier(group=None) -> None:
         return
     probe = torch.empty(0)
     engine = engines.engine_for(probe)
-    _record("barrier", engine, probe)
+    if _active_logs:
+        _record("barrier", engine, probe)
     engine.barrier()
 
 
@@ -319,11 +323,11 @@ def _check_scatter_dim(tensor, dim: int, world: int) -> int:
     return dim
 
 
-def _group_rank_of(group: dist.ProcessGroup, src) -> int:
-    ranks = dist.get_process_group_ranks(group)
-    if src not in ranks:
+def _group_rank_of(engines: GroupEngines, src) -> int:
+    try:
+        return engines.group_rank_of[src]
+    except (KeyError, TypeError):  # TypeError: unhashable
         raise CollectiveError(
-            f"broadcast source {src!r} is not a rank of this group (global ranks {ranks}); pass the global rank "
-            "of one of its members."
-        )
-    return dist.get_group_rank(group, src)
+            f"broadcast source {src!r} is not a rank of this group (global ranks {list(engines.group_rank_of)}); "
+            "pass the global rank of one of its members."
+        ) from None

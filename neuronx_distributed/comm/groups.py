@@ -33,6 +33,8 @@ class GroupEngines:
         self.group = group
         self.backend = backend
         self.size = group.size()
+        # Global rank -> group rank, in group-rank order.
+        self.group_rank_of = {rank: index for index, rank in enumerate(dist.get_process_group_ranks(group))}
         self.torch = TorchEngine(group)
         self.shm = ShmEngine(group, shm_handle) if shm_handle is not None else None
         self._shm_ops = ShmOpEngine(group) if shm_handle is not None else None
