@@ -129,7 +129,9 @@ struct Float16Traits {
   static NXD_INLINE Row load_row(const Stored* p) {
     return __builtin_convertvector(load_unaligned<Vec<Half, kLanes>>(p), Row);
   }
-  static NXD_INLINE void store_row(Stored* p, const Row& v) { store_unaligned(p, __builtin_convertvector(v, Vec<Half, kLanes>)); }
+  static NXD_INLINE void store_row(Stored* p, const Row& v) {
+    store_unaligned(p, __builtin_convertvector(v, Vec<Half, kLanes>));
+  }
   static NXD_INLINE Acc load_one(const Stored* p) { return static_cast<float>(*p); }
   static NXD_INLINE void store_one(Stored* p, Acc v) { *p = static_cast<Half>(v); }
 };

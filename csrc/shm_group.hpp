@@ -1,6 +1,10 @@
 // The shared-memory collective engine: one segment per group of ranks on this host.
 //
-// Every rank owns one slot in each of two slot sets. A collective runs as a series of steps:
+// Large all-reduces are zero-copy where the kernel lets ranks access each other's memory
+// (process_vm_readv/writev; every rank probes every peer at set-up and all agree): each rank
+// reads its share of every peer's tensor, reduces it and writes the result into every tensor.
+// Otherwise, and for small tensors, data passes through the segment: every rank owns one slot in
+// each of two slot sets. A collective runs as a series of steps:
 // before step v a rank writes only its own slot of set v % 2 and then publishes v; after
 // every rank has published v, all read any slot of set v % 2 until they publish v + 1. So no
 // slot is overwritten while a peer may still read it, and a step costs one exchange of
@@ -15,6 +19,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <sys/types.h>
 #include <string>
 #include <vector>
 
@@ -30,6 +35,7 @@ struct GroupConfig {
   std::vector<int> global_ranks;   // the group's ranks in the job, for error messages
   size_t slot_bytes = 1 << 20;     // bytes per rank and slot set: the largest step
   double timeout_s = 1800;         // how long to wait for a peer before failing
+  bool zero_copy = true;           // access peers' tensors directly when every rank of the group can
 };
 
 struct SegmentHeader;
@@ -76,6 +82,9 @@ class ShmGroup {
   // reaches the caller of the collective: the bindings use it to deliver Ctrl-C.
   void set_interruption_check(std::function<void()> check) { interruption_check_ = std::move(check); }
 
+  // Whether large all-reduces access peers' tensors directly: false until the first collective
+  // has run (which every rank runs through the segment), then the same on every rank.
+  bool zero_copy() const { return zero_copy_; }
   int rank() const { return rank_; }
   int size() const { return size_; }
   size_t slot_bytes() const { return slot_bytes_; }
@@ -103,6 +112,16 @@ class ShmGroup {
   static size_t segment_bytes(int size, size_t slot_bytes);
 
   void all_reduce_chunk(char* data, size_t count, size_t element, DType dtype, ReduceOp op, const Call& call);
+  void all_reduce_zero_copy(char* data, size_t count, size_t element, DType dtype, ReduceOp op, const Call& call);
+  // Copy `bytes` at `offset` of rank `peer`'s published tensor into `out`, or `in` there
+  // (process_vm_readv, process_vm_writev).
+  void read_peer(int peer, size_t offset, void* out, size_t bytes);
+  void write_peer(int peer, size_t offset, const void* in, size_t bytes);
+  [[noreturn]] void fail_peer_access(int peer, const char* verb, const char* call, ssize_t done);
+  // After an abort in a zero-copy all-reduce: returns once no peer writes into our tensor.
+  void wait_for_writers_to_stop();
+  // Whether this process can read every peer's memory: each peer's probe word holds its token.
+  bool can_read_every_peer();
   char* slot(uint64_t step, int rank) const;
   RankLine& line(int rank) const;
 
@@ -117,10 +136,12 @@ class ShmGroup {
   void check_interruption(const std::string& waiting_in);
   // Marks the group failed for every rank (the first reason wins) and wakes sleeping peers.
   void abort_group(const std::string& reason);
-  // The first rank from `from` on that has not published `step`, or -1; -1 from
-  // first_not_joined() once every rank has mapped the segment.
+  // The first rank from `from` on that has not published `step`, or -1.
   int first_behind(uint64_t step, int from, std::memory_order order = std::memory_order_acquire) const;
-  int first_not_joined() const;
+  bool not_joined(int rank) const;
+  void learn_zero_copy();
+  // Waits (checking aborts, interruptions and the timeout) until no rank is `missing`.
+  void wait_during_setup(bool (ShmGroup::*missing)(int) const, const char* waiting_for);
   void sleep_until_behind_moves(uint64_t step, int behind);
   void wake_sleepers();
   [[noreturn]] void fail(const std::string& reason);
@@ -136,6 +157,8 @@ class ShmGroup {
   int size_;
   size_t slot_bytes_;
   std::vector<int> global_ranks_;
+  bool want_zero_copy_;          // GroupConfig::zero_copy
+  const uint64_t probe_token_;   // random; peers read it at probe_token_'s address to test access
   // Any thread, lock-free (set_timeout may run while a collective waits):
   std::atomic<double> timeout_s_;
   // Set once by the owner before the first collective (the bindings do it at creation), read
@@ -146,6 +169,13 @@ class ShmGroup {
   // has no thread-safety analysis and libstdc++'s std::mutex carries no capability attributes
   // for clang's, so this comment is the annotation.
   bool unlinked_ = false;
+  bool zero_copy_known_ = false;      // learn_zero_copy() ran (after our first step)
+  bool zero_copy_ = false;            // every rank can access every peer's memory and wants to
+  std::vector<char*> peer_buffers_;   // zero-copy: each rank's tensor (its address) in this call
+  struct alignas(64) CacheLine {
+    char bytes[64];
+  };
+  std::vector<CacheLine> scratch_;    // zero-copy: one piece per rank, read from its tensor
   uint64_t step_ = 0;                 // the last step this rank published (== line(rank_).step)
   std::vector<const void*> sources_;  // scratch: the buffers one reduction reads
   std::string broken_;                // why the group is unusable, empty while it works

@@ -36,8 +36,10 @@ inline std::vector<int> iota_ranks(int size, int first = 0) {
 
 // Rank 0 creates the segment; the others attach once it exists. All wait for each other.
 inline std::unique_ptr<ShmGroup> join_group(const std::string& name, int rank, const std::vector<int>& global_ranks,
-                                            size_t slot_bytes = 1 << 20, double timeout_s = 30) {
+                                            size_t slot_bytes = 1 << 20, double timeout_s = 30,
+                                            bool zero_copy = true) {
   GroupConfig config;
+  config.zero_copy = zero_copy;
   config.segment = name;
   config.rank = rank;
   config.global_ranks = global_ranks;

@@ -28,35 +28,76 @@ bool segment_exists(const std::string& name) {
   return ::stat(("/dev/shm" + name).c_str(), &st) == 0;
 }
 
-TEST(ShmGroup, AllReduceSumAndMaxMatchTheReferenceForEveryDTypeSizeAndWorld) {
-  for (int world : {2, 3, 4}) {
+// Whether this machine lets processes read each other's memory (process_vm_readv between a
+// parent and its child): where it does not, groups fall back to copying through the segment.
+bool processes_can_read_each_other() {
+  static const bool can = [] {
     const std::string name = fresh_segment_name();
-    const auto statuses = run_checks(world, [&](int rank) -> std::string {
-      auto group = join_group(name, rank, iota_ranks(world), kSmallSlot);
-      // 0 elements, odd sizes, one chunk below the direct-reduce limit and several above it.
-      for (size_t count : {size_t{0}, size_t{1}, size_t{7}, size_t{1001}, size_t{12289}, size_t{3 * 4096 + 5}}) {
-        for (DType dtype : kAllDTypes) {
-          for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Max}) {
-            TypedBuffer buffer(dtype, count);
-            for (size_t i = 0; i < count; ++i) buffer.set(i, test_value(rank, i));
-            group->all_reduce(buffer.data(), count, dtype, op);
-            for (size_t i = 0; i < count; ++i) {
-              double expected = op == ReduceOp::Sum ? 0 : -1e30;
-              for (int r = 0; r < world; ++r) {
-                expected = op == ReduceOp::Sum ? expected + test_value(r, i) : std::max(expected, test_value(r, i));
-              }
-              if (buffer.get(i) != expected) {
-                return describe(dtype, count, world) + " " + reduce_op_name(op) + ": element " + std::to_string(i) +
-                       " is " + std::to_string(buffer.get(i)) + ", expected " + std::to_string(expected);
+    return all_zero(run_checks(2, [&](int rank) -> std::string {
+      auto group = join_group(name, rank, iota_ranks(2));
+      group->barrier();  // the first collective runs through the segment and settles the choice
+      return group->zero_copy() ? "" : "no zero-copy";
+    }));
+  }();
+  return can;
+}
+
+TEST(ShmGroup, AllReduceSumAndMaxMatchTheReferenceForEveryDTypeSizeAndWorld) {
+  const bool can_read = processes_can_read_each_other();
+  for (const bool zero_copy : {true, false}) {
+    for (int world : {2, 3, 4}) {
+      const std::string name = fresh_segment_name();
+      const auto statuses = run_checks(world, [&](int rank) -> std::string {
+        auto group = join_group(name, rank, iota_ranks(world), kSmallSlot, 30, zero_copy);
+        group->barrier();
+        if (group->zero_copy() != (zero_copy && can_read)) return "unexpected zero-copy state";
+        // 0 elements, odd sizes, one chunk below the direct-reduce limit and several above it,
+        // zero-copy above 16 KB and in several pieces (256 KB of pieces over the peers) at 200003.
+        for (size_t count : {size_t{0}, size_t{1}, size_t{7}, size_t{1001}, size_t{12289}, size_t{3 * 4096 + 5},
+                             size_t{200003}}) {
+          for (DType dtype : kAllDTypes) {
+            for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Max}) {
+              TypedBuffer buffer(dtype, count);
+              for (size_t i = 0; i < count; ++i) buffer.set(i, test_value(rank, i));
+              group->all_reduce(buffer.data(), count, dtype, op);
+              for (size_t i = 0; i < count; ++i) {
+                double expected = op == ReduceOp::Sum ? 0 : -1e30;
+                for (int r = 0; r < world; ++r) {
+                  expected = op == ReduceOp::Sum ? expected + test_value(r, i) : std::max(expected, test_value(r, i));
+                }
+                if (buffer.get(i) != expected) {
+                  return describe(dtype, count, world) + " " + reduce_op_name(op) + ": element " + std::to_string(i) +
+                         " is " + std::to_string(buffer.get(i)) + ", expected " + std::to_string(expected);
+                }
               }
             }
           }
         }
-      }
-      return "";
-    });
-    EXPECT_TRUE(all_zero(statuses)) << "world " << world;
+        return "";
+      });
+      EXPECT_TRUE(all_zero(statuses)) << "world " << world << (zero_copy ? ", zero-copy" : ", through the segment");
+    }
   }
+}
+
+TEST(ShmGroup, ZeroCopyOnlyWhenEveryRankCanAndWants) {
+  if (!processes_can_read_each_other()) GTEST_SKIP() << "process_vm_readv is not permitted here";
+  const int world = 3;
+  const std::string name = fresh_segment_name();
+  const auto statuses = run_checks(world, [&](int rank) -> std::string {
+    // Rank 1 opts out (as a rank whose probe failed would): all three copy through the segment.
+    auto group = join_group(name, rank, iota_ranks(world), kSmallSlot, 30, rank != 1);
+    group->barrier();
+    if (group->zero_copy()) return "zero-copy although rank 1 opted out";
+    TypedBuffer buffer(DType::Float32, 100000);
+    for (size_t i = 0; i < buffer.count(); ++i) buffer.set(i, test_value(rank, i));
+    group->all_reduce(buffer.data(), buffer.count(), DType::Float32, ReduceOp::Sum);
+    for (size_t i = 0; i < buffer.count(); ++i) {
+      if (buffer.get(i) != test_value(0, i) + test_value(1, i) + test_value(2, i)) return "wrong sum";
+    }
+    return "";
+  });
+  EXPECT_TRUE(all_zero(statuses));
 }
 
 TEST(ShmGroup, AllReduceOfInexactValuesIsBitIdenticalOnEveryRank) {
@@ -67,7 +108,7 @@ TEST(ShmGroup, AllReduceOfInexactValuesIsBitIdenticalOnEveryRank) {
     std::mt19937 random(1234 + rank);
     std::uniform_real_distribution<double> uniform(-1, 1);
     for (DType dtype : kAllDTypes) {
-      for (size_t count : {size_t{513}, size_t{20000}}) {
+      for (size_t count : {size_t{513}, size_t{20000}, size_t{150001}}) {
         TypedBuffer buffer(dtype, count);
         for (size_t i = 0; i < count; ++i) buffer.set(i, uniform(random) / 3);
         group->all_reduce(buffer.data(), count, dtype, ReduceOp::Sum);
