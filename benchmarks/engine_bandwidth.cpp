@@ -144,6 +144,7 @@ std::unique_ptr<nxd::ShmGroup> join(const std::string& name, int rank, const Opt
 void run_rank(const Options& options, const std::string& name, int rank) {
   auto group = join(name, rank, options);
   const size_t element = nxd::dtype_size(options.dtype);
+  group->barrier();  // the first collective settles whether the group is zero-copy
   if (rank == 0) {
     std::printf("all_reduce (sum, %s), %d ranks, %u cores, %zu KB slots, zero-copy %s; median us per call; ratio = "
                 "memcpy time / all_reduce time per round, median [min, max] of %d rounds\n",
