@@ -137,8 +137,11 @@ def test_stalled_rank_times_out_and_is_named():
 
 
 def create_segment_then_die(rank: int):
+    import torch.distributed as dist
+
     from neuronx_distributed import _C
 
+    dist.barrier()  # every rank's gloo connections are up, so no rank fails on a peer that died first
     # Rank 0 creates a group segment, and every rank dies before anyone attached to it.
     group = _C.ShmGroup.create(_C.segment_name("orphan"), 0, [0, 1], 1 << 20, 5.0) if rank == 0 else None
     os.kill(os.getpid(), signal.SIGKILL)

@@ -42,7 +42,7 @@ from torch.utils.dlpack import to_dlpack
 from ..errors import CollectiveError, NeuronxDistributedError
 from .engine import TorchEngine
 from .native import _C
-from .shm import _OP_NAMES, ShmEngine, runs
+from .shm import ShmEngine, op_name, runs
 from .shm_groups import DEFAULT_SLOT_BYTES, GroupRegistry
 
 # /dev/shm that each host's local segment takes (two sets of k slots). Every shared-memory step is a
@@ -122,7 +122,7 @@ class Call:
             return "barrier"
         what = f"{self.collective} of {self.count} {str(self.dtype).removeprefix('torch.')} elements"
         if self.collective in ("all_reduce", "reduce_scatter"):
-            what += f" ({_OP_NAMES[self.op]})"
+            what += f" ({('sum', 'max')[_OPS.index(self.op)]})"  # a peer's op arrives unpickled, as RedOpType
         if self.collective == "broadcast":
             what += f" from group rank {self.root}"
         return what + f" on the {self.engine} engine"
@@ -215,7 +215,7 @@ class HierarchicalEngine:
         """All-reduce a (k, n) tensor in place: row l is local rank l's slice."""
         mine = rows[self.local_index]
         # In place (the C++ reduction's output may alias a source, csrc/reduce_kernels.hpp).
-        self._local_call("reduce_scatter", to_dlpack(rows), to_dlpack(mine), _OP_NAMES[op])
+        self._local_call("reduce_scatter", to_dlpack(rows), to_dlpack(mine), op_name(op))
         dist.all_reduce(mine, op=op, group=self.across.group)
         for root in range(self._k):
             self._local_call("broadcast", to_dlpack(rows[root]), root)

@@ -27,7 +27,6 @@ from .native import _C
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # A lookup with a ReduceOp key costs 0.5-1 us (its hash and == are bound C++ calls); op_name, tens of ns.
-_OP_NAMES = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.MAX: "max"}
 _SUM, _MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
 
 
