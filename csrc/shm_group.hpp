@@ -83,7 +83,8 @@ class ShmGroup {
   void set_interruption_check(std::function<void()> check) { interruption_check_ = std::move(check); }
 
   // Whether large all-reduces access peers' tensors directly: false until the first collective
-  // has run (which every rank runs through the segment), then the same on every rank.
+  // has run (which every rank runs through the segment), then the same on every rank. Read it
+  // between collectives, in the thread that runs them.
   bool zero_copy() const { return zero_copy_; }
   int rank() const { return rank_; }
   int size() const { return size_; }
@@ -94,6 +95,10 @@ class ShmGroup {
   std::string label() const;
 
  private:
+  struct alignas(64) CacheLine {
+    char bytes[64];
+  };
+
   // What a rank is doing at a step; every rank of the step must agree on it. `elsewhere` is 0
   // for a collective run here, else the Elsewhere reason of an announce_elsewhere() step.
   struct Call {
@@ -172,9 +177,6 @@ class ShmGroup {
   bool zero_copy_known_ = false;      // learn_zero_copy() ran (after our first step)
   bool zero_copy_ = false;            // every rank can access every peer's memory and wants to
   std::vector<char*> peer_buffers_;   // zero-copy: each rank's tensor (its address) in this call
-  struct alignas(64) CacheLine {
-    char bytes[64];
-  };
   std::vector<CacheLine> scratch_;    // zero-copy: one piece per rank, read from its tensor
   uint64_t step_ = 0;                 // the last step this rank published (== line(rank_).step)
   std::vector<const void*> sources_;  // scratch: the buffers one reduction reads
