@@ -4,7 +4,8 @@ Each case saves, at TP=2 over real processes, the state dict itself or a copy or
 cast of it with `model=` given; merging and resharding must give the values of the
 TP=1 model built from the same seed (cast alike). Without the model a copy is
 refused, and so is the state dict itself, whose tied decoder weight (held by a plain
-module) carries no attributes.
+module) carries no attributes. The state dict itself also goes through a plain
+`torch.save` and `torch.load(weights_only=True)` with its compatibility attributes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 from models import SelfAttention
 from safetensors.torch import load_file
 from torch import nn
@@ -85,6 +87,19 @@ def _case_layouts() -> dict:
     return {key: (layout.partition_dim, layout.stride, layout.parts) for key, layout in model_layouts(model).items()}
 
 
+def _case_torch_save_weights_only(save_dir: str) -> dict:
+    """Each rank's state dict saved with torch.save, loaded back with weights_only=True: values and layouts kept."""
+    state = _model().state_dict()
+    path = os.path.join(save_dir, f"rank{dist.get_rank()}.pt")
+    torch.save(state, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
+        assert Layout.of(loaded[key]) == Layout.of(value), key
+    return {key: Layout.of(value) for key, value in loaded.items()}
+
+
 def _case_wrong_copy(save_dir: str) -> str:
     model = _model()
     state = model.state_dict()
@@ -129,6 +144,16 @@ def test_copied_state_dict_saves_with_the_models_layouts(pools, tmp_path, refere
 def test_without_the_model_a_lost_layout_is_refused(pools, tmp_path, copy):
     messages = pools.run(2, 2, _case_save_without_model, str(tmp_path / "saved"), copy)
     assert all("lost" in message for message in messages)
+
+
+def test_state_dict_loads_with_weights_only(pools, tmp_path):
+    """Column, Row, vocab-parallel, fused and GQA (replicated KV) layers: no Python object rides on a saved tensor."""
+    layouts = pools.run(2, 2, _case_torch_save_weights_only, str(tmp_path))
+    for rank_layouts in layouts:
+        assert rank_layouts["attention.output.weight"] == Layout(1)
+        assert rank_layouts["embed.weight"] == Layout(0)
+        assert rank_layouts["attention.qkv.weight"] == Layout(0, 3)
+        assert any(part.replication == 2 for part in rank_layouts["gqa.weight_qkv"].parts)
 
 
 def test_a_copy_that_does_not_fit_the_model_is_refused(pools, tmp_path):

@@ -233,7 +233,7 @@ class ReplicatedKVColumnParallelLinear(BaseParallelLinear):
 
     def _logical_rows(self) -> torch.Tensor:
         world = dist.get_world_size(self.tensor_parallel_group)
-        return local_logical_rows(self.weight.partition_parts, dist.get_rank(self.tensor_parallel_group), world)
+        return local_logical_rows(self.parameter_layouts()["weight"].parts, dist.get_rank(self.tensor_parallel_group), world)
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         _check_last_dim(type(self).__name__, input_, self.input_size, "pass the full (unsharded) features to this layer.")

@@ -12,7 +12,9 @@ model=model)` reads.
 The tensor attributes (`tensor_model_parallel`, `partition_dim`, `partition_stride`,
 `partition_parts`) stay as the documented compatibility view: a parameter that no
 layer declares (a user's own, marked with `set_tensor_model_parallel_attributes`)
-is described by them.
+is described by them. They hold plain ints, bools and tuples of ints only (the
+`Part` objects live in the module's `Layout`), so `torch.save(model.state_dict())`
+loads with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations

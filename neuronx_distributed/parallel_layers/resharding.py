@@ -39,13 +39,19 @@ class Part:
 
 
 def set_partition_parts(param: torch.Tensor, parts: Sequence[Part]) -> None:
-    """Declare that `param`'s partition dim is made of `parts` (sizes in the stored full tensor)."""
-    setattr(param, PARTS_ATTRIBUTE, tuple(parts))
+    """Declare that `param`'s partition dim is made of `parts` (sizes in the stored full tensor).
+
+    The attribute holds each part as a plain `(size, replication, block)` tuple of ints,
+    so that a tensor carrying it (a state dict's, see `utils.copy_attributes_to_state_dict`)
+    saved with `torch.save` loads with `torch.load(weights_only=True)`.
+    """
+    setattr(param, PARTS_ATTRIBUTE, tuple((part.size, part.replication, part.block) for part in parts))
 
 
 def partition_parts(tensor: torch.Tensor) -> tuple[Part, ...] | None:
     """The parts `tensor` declares, or None for a plain shard (described by its partition stride)."""
-    return getattr(tensor, PARTS_ATTRIBUTE, None)
+    parts = getattr(tensor, PARTS_ATTRIBUTE, None)
+    return None if parts is None else tuple(Part(*part) for part in parts)
 
 
 def stride_parts(size: int, stride: int) -> tuple[Part, ...]:

@@ -20,7 +20,8 @@ from ..errors import InputShapeError, ParallelSizeError
 from . import parallel_state
 
 # `partition_parts` (our addition, see resharding.Part): set where the partition dim is made of parts of
-# different sizes or of replicated KV heads, e.g. by modules.qkv_linear.
+# different sizes or of replicated KV heads, e.g. by modules.qkv_linear. Every attribute holds plain ints and
+# bools (the parts as (size, replication, block) tuples), so a state dict carrying them loads with weights_only.
 TENSOR_PARALLEL_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "num_partitions", "partition_parts")
 # Attributes a parameter keeps when it is moved: its sharding, and whether sequence parallelism
 # leaves its gradient partial across the TP group (see grads.allreduce_sequence_parallel_gradients).
