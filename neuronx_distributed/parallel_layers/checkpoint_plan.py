@@ -1,16 +1,16 @@
 """The plan of a save: which TP rank writes which tensor into which shard file, the same on every rank.
 
 Each writing rank (DP rank 0 of its TP rank) reports what it holds (`RankReport`:
-each tensor's local shape, dtype and layout, and a crc32 of every tensor it would
-save unsharded); `build_plan` turns the reports of all TP ranks into the manifest's
-tensor entries and each file's tensors. It is a pure function of the reports, so
-every rank that has them builds the same plan; nothing is written before it is
-agreed.
+each tensor's local shape, dtype and layout, and a crc32 (`fingerprint`) of every
+tensor it would save unsharded); `build_plan` turns the reports of all TP ranks
+into the manifest's tensor entries and each file's tensors. It is a pure function
+of the reports, so every rank that has them builds the same plan; nothing is
+written before it is agreed.
 
 - sharded: every rank writes its shard; the entry has the global shape.
 - replicated, bytewise the same on every TP rank: written once, into the file of TP
-  rank 0 (the lowest rank that holds it), recorded as the entry's `file`
-  (with `write_once`; otherwise every file holds it, as in format version 1).
+  rank 0 (the lowest rank that holds it), recorded as the entry's `file` (an entry
+  without one is in every file, as in format version 1).
 - replicated with a different value per rank, a tensor outside the model (a
   per-rank counter, say): every rank writes its own, read back by the rank of
   the same index.
@@ -22,10 +22,18 @@ agreed.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
+
+import torch
 
 from ..errors import CheckpointSaveError, ReplicatedMismatchError
 from . import checkpoint_format as fmt
+
+
+def fingerprint(tensor: torch.Tensor) -> str:
+    """crc32 of a CPU tensor's bytes in row-major order, as 8 hex digits."""
+    return f"{zlib.crc32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()):08x}"
 
 
 @dataclass
@@ -80,7 +88,7 @@ def _sharded_entry(name: str, per_rank: list, world: int) -> fmt.TensorEntry:
     return fmt.TensorEntry(shape, first.dtype, fmt.SHARDED, first.partition_dim, first.partition_stride, first.parts)
 
 
-def build_plan(reports: list[RankReport], write_once: bool = True) -> SavePlan:
+def build_plan(reports: list[RankReport]) -> SavePlan:
     """The plan for the TP ranks' `reports` (index = TP rank); see the module docstring."""
     world = len(reports)
     fingerprints = [report.fingerprints for report in reports]
@@ -99,7 +107,7 @@ def build_plan(reports: list[RankReport], write_once: bool = True) -> SavePlan:
             raise _replicated_mismatch(name, per_rank, fingerprints)
         if differs:
             tensors[name] = fmt.TensorEntry(list(first.shape), first.dtype, fmt.LOCAL)
-        elif first.layout == fmt.REPLICATED and write_once and world > 1 and same_value:
+        elif first.layout == fmt.REPLICATED and world > 1 and same_value:
             tensors[name] = fmt.TensorEntry(list(first.shape), first.dtype, fmt.REPLICATED, file=0)
         else:
             tensors[name] = first

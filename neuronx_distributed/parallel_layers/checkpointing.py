@@ -36,27 +36,23 @@ import os
 import socket
 import uuid
 import warnings
-import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import errors, folder_lock
+from .. import folder_lock
 from ..errors import (
     CheckpointArgumentError,
     CheckpointBusyError,
-    CheckpointError,
     CheckpointKeyError,
-    CheckpointSaveError,
     CheckpointShapeError,
     NeuronxDistributedError,
     UnsafeCheckpointError,
 )
 from . import checkpoint_format as fmt
-from . import parallel_state
 from .resharding import (
     Part,
     check_divisible,
@@ -71,69 +67,12 @@ from .sharded_source import ShardedSource, Target
 from .state_tree import TensorRef, decode, flatten
 from .unsharded import load_torch_file, open_unsharded
 from .upstream_checkpoint import UpstreamCheckpoint, UpstreamSource, find_upstream_folder
-from .checkpoint_plan import RankReport, SavePlan, build_plan
+from .checkpoint_agreement import Placement, agree, as_read_error, as_save_error, current_placement
+from .checkpoint_plan import RankReport, SavePlan, build_plan, fingerprint
 from .layouts import Layout, model_layouts
 from .model_state import find_model_state as _model_state
 from .utils import tensor_model_parallel_attributes
 from .weight_loading import get_checkpoint_parts, get_weight_loader
-
-
-@dataclass(frozen=True)
-class _Placement:
-    tp_size: int
-    tp_rank: int
-    dp_rank: int
-    tp_group: object  # None outside initialize_model_parallel
-
-    @property
-    def distributed(self) -> bool:
-        return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _placement() -> _Placement:
-    if parallel_state.model_parallel_is_initialized():
-        return _Placement(
-            parallel_state.get_tensor_model_parallel_size(),
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_data_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_group(),
-        )
-    return _Placement(1, 0, dist.get_rank() if dist.is_initialized() else 0, None)
-
-
-def _agree(placement: _Placement, error: BaseException | None, what: str, value=None) -> list:
-    """Every rank's `value`, once all ranks got here; raise on every rank if any failed.
-
-    A failing rank raises its own error; the others raise the same type (one of
-    `neuronx_distributed.errors`, else CheckpointError) naming the failed rank.
-    Decisions that shape later collectives are taken from the returned list, the
-    same on every rank.
-    """
-    if placement.distributed:
-        reports = [None] * dist.get_world_size()
-        failure = None if error is None else (type(error).__name__, str(error))
-        dist.all_gather_object(reports, (failure, value))
-    else:
-        reports = [(None, value)]
-    if error is not None:
-        raise error
-    failed = [(rank, failure) for rank, (failure, _) in enumerate(reports) if failure]
-    if failed:
-        rank, (type_name, message) = failed[0]
-        error_type = getattr(errors, type_name, None)
-        if not (isinstance(error_type, type) and issubclass(error_type, CheckpointError)):
-            error_type = CheckpointError
-        raise error_type(f"{what} failed on rank {rank} ({len(failed)} rank(s) failed): {type_name}: {message}")
-    return [reported for _, reported in reports]
-
-
-def _typed(error: Exception, path: str) -> Exception:
-    """`error` as a typed error: ours unchanged, anything else (an OSError, a reader's own error) as CheckpointError."""
-    if isinstance(error, NeuronxDistributedError):
-        return error
-    wrapped = CheckpointError(f"reading the checkpoint at {path!r} failed ({type(error).__name__}: {error}); check the path and its permissions.")
-    wrapped.__cause__ = error
-    return wrapped
 
 
 # ---------------------------------------------------------------- save
@@ -253,11 +192,6 @@ def _storable(tensors: dict[str, torch.Tensor], down_cast_bf16: bool = False) ->
     return storable
 
 
-def _fingerprint(tensor: torch.Tensor) -> str:
-    """crc32 of a CPU contiguous tensor's bytes."""
-    return f"{zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy()):08x}"
-
-
 def _model_tensor_names(flat, state, model_key: str | None) -> set[str]:
     """Names (in `flat`) of the tensors of the model's state dict inside `state`."""
     model = _model_state(state, model_key)
@@ -267,7 +201,7 @@ def _model_tensor_names(flat, state, model_key: str | None) -> set[str]:
     return {name for name, tensor in flat.tensors.items() if id(tensor) in ids}
 
 
-def _rank_report(state, model_key, placement: _Placement, model: nn.Module | None = None, down_cast_bf16: bool = False):
+def _rank_report(state, model_key, placement: Placement, model: nn.Module | None = None, down_cast_bf16: bool = False):
     """(this rank's `RankReport`, its storable tensors, its state structure): what the save plan is built from.
 
     Every tensor saved as replicated gets a fingerprint (crc32) when TP > 1, so that
@@ -290,31 +224,10 @@ def _rank_report(state, model_key, placement: _Placement, model: nn.Module | Non
         stored = tensors[name]
         entries[name] = fmt.TensorEntry(list(stored.shape), fmt.dtype_name(stored.dtype), layout, dim, stride, parts)
         if layout == fmt.REPLICATED and placement.tp_size > 1:
-            fingerprints[name] = _fingerprint(stored)
+            fingerprints[name] = fingerprint(stored)
     has_model_key = isinstance(state, dict) and model_key in state
     report = RankReport(placement.tp_rank, entries, fingerprints, frozenset(model_names), model_key if has_model_key else None)
     return report, tensors, flat.structure
-
-
-def _write_rank_shard(state, save_dir: str, model_key, placement: _Placement, save_id: str, model: nn.Module | None = None):
-    """Write every tensor of this rank's state into its shard file, without a plan (the trainer's per-rank writes);
-    return (its file entry, tensor entries, model_key, fingerprints of its replicated model tensors) for `_commit`."""
-    report, tensors, structure = _rank_report(state, model_key, placement, model)
-    file_entry = fmt.write_shard_file(save_dir, placement.tp_rank, save_id, tensors, structure)
-    fingerprints = {name: crc for name, crc in report.fingerprints.items() if name in report.model_names}
-    return file_entry, report.entries, report.model_key, fingerprints
-
-
-def _as_save_error(error: Exception, save_dir: str) -> Exception:
-    """`error` as a typed error: ours unchanged, an OSError (disk full, permissions) as CheckpointSaveError."""
-    if isinstance(error, NeuronxDistributedError):
-        return error
-    wrapped = CheckpointSaveError(
-        f"writing the checkpoint at {save_dir!r} failed ({type(error).__name__}: {error}); check the path, its "
-        "permissions and the free space. The previous checkpoint there (if any) is kept."
-    )
-    wrapped.__cause__ = error
-    return wrapped
 
 
 def _lock_folder(save_dir: str) -> int:
@@ -372,7 +285,7 @@ def save(state_dict, save_dir: str, model_key: str | None = "model", *, model: n
     the same model; ZeRO-1's per-DP-rank optimizer state is saved with
     `optimizer.checkpoint.save_optimizer_state`).
     """
-    placement = _placement()
+    placement = current_placement()
     lock, error = None, None
     try:
         save_dir = os.fspath(save_dir)
@@ -395,7 +308,7 @@ def save(state_dict, save_dir: str, model_key: str | None = "model", *, model: n
     except Exception as caught:  # reported to every rank below
         error = caught
     try:
-        started = _agree(placement, error and _as_save_error(error, str(save_dir)), "starting the save", uuid.uuid4().hex)
+        started = agree(placement, error and as_save_error(error, str(save_dir)), "starting the save", uuid.uuid4().hex)
         _save_locked(state_dict, save_dir, started[0], model_key, placement, model, down_cast_bf16, save_serially)
     finally:
         if lock is not None:
@@ -405,11 +318,11 @@ def save(state_dict, save_dir: str, model_key: str | None = "model", *, model: n
 def plan_save(state_dict, model_key: str | None = "model", *, model: nn.Module | None = None,
               down_cast_bf16: bool = False) -> SavePlan:
     """The plan `save` would follow for this state (every rank calls it; the same plan on every rank)."""
-    placement = _placement()
+    placement = current_placement()
     return _agreed_plan(placement, *_planned(state_dict, model_key, placement, model, down_cast_bf16)[:2])
 
 
-def _planned(state_dict, model_key, placement: _Placement, model, down_cast_bf16: bool):
+def _planned(state_dict, model_key, placement: Placement, model, down_cast_bf16: bool):
     """(its error or None, this rank's report, (its tensors, structure)) on a writer rank; (None, None, None) elsewhere."""
     if placement.dp_rank != 0:
         return None, None, None
@@ -420,19 +333,19 @@ def _planned(state_dict, model_key, placement: _Placement, model, down_cast_bf16
     return None, report, (tensors, structure)
 
 
-def _agreed_plan(placement: _Placement, error, report) -> SavePlan:
+def _agreed_plan(placement: Placement, error, report) -> SavePlan:
     """Every rank builds the plan from the writers' reports (raising on every rank if a report failed)."""
-    reports = [r for r in _agree(placement, error, "planning the save", report) if r is not None]
+    reports = [r for r in agree(placement, error, "planning the save", report) if r is not None]
     return build_plan(sorted(reports, key=lambda r: r.tp_rank))
 
 
-def _save_locked(state_dict, save_dir: str, save_id: str, model_key: str | None, placement: _Placement,
+def _save_locked(state_dict, save_dir: str, save_id: str, model_key: str | None, placement: Placement,
                  model: nn.Module | None, down_cast_bf16: bool = False, save_serially: bool = False) -> None:
-    """The save once every rank started it: the plan, the shard files, the manifest, each step agreed by `_agree`
+    """The save once every rank started it: the plan, the shard files, the manifest, each step agreed by `agree`
     (the save id is global rank 0's)."""
     writes = placement.dp_rank == 0
     error, report, local = _planned(state_dict, model_key, placement, model, down_cast_bf16)
-    plan = _agreed_plan(placement, error and _as_save_error(error, save_dir), report)
+    plan = _agreed_plan(placement, error and as_save_error(error, save_dir), report)
     my_turn, turns = _host_turns(placement) if save_serially else (0, 1)
     files = []
     try:
@@ -444,16 +357,16 @@ def _save_locked(state_dict, save_dir: str, save_id: str, model_key: str | None,
                     mine = {name: tensors[name] for name in plan.files[placement.tp_rank]}
                     written = (placement.tp_rank, fmt.write_shard_file(save_dir, placement.tp_rank, save_id, mine, structure))
                 except Exception as caught:  # reported to every rank
-                    error = _as_save_error(caught, save_dir)
-            files += [entry for entry in _agree(placement, error, "writing the shard files", written) if entry]
+                    error = as_save_error(caught, save_dir)
+            files += [entry for entry in agree(placement, error, "writing the shard files", written) if entry]
         manifest = fmt.Manifest(placement.tp_size, save_id, plan.model_key, [f for _, f in sorted(files)], plan.tensors)
         error = None
         if not placement.distributed or dist.get_rank() == 0:
             try:
                 fmt.write_manifest(save_dir, manifest)
             except Exception as caught:  # reported to every rank
-                error = _as_save_error(caught, save_dir)
-        _agree(placement, error, "writing the manifest")
+                error = as_save_error(caught, save_dir)
+        agree(placement, error, "writing the manifest")
     except BaseException:
         if writes:
             _remove_own_file(save_dir, placement.tp_rank, save_id)
@@ -470,27 +383,6 @@ def _remove_own_file(save_dir: str, tp_rank: int, save_id: str) -> None:
     for path in (final, final + ".tmp"):
         with contextlib.suppress(OSError):
             os.remove(path)
-
-
-def _commit(save_dir: str, save_id: str, reports: list, tp_size: int) -> tuple[fmt.Manifest | None, Exception | None]:
-    """Write the manifest of `_write_rank_shard`'s files if every TP rank wrote its shard (every tensor in every
-    file: no plan); return (the manifest, None) or (None, why the save failed)."""
-    failures = [f"TP rank {rank}: {report[1]}" for rank, report in enumerate(reports) if report[0] != "ok"]
-    if failures:
-        return None, CheckpointSaveError(
-            f"saving {save_dir!r} failed, so its previous checkpoint (if any) is kept: {'; '.join(failures)}"
-        )
-    try:
-        files = [report[1][0] for report in reports]
-        ranks = [RankReport(rank, entries, prints, frozenset(prints), model_key)
-                 for rank, (_, (_, entries, model_key, prints)) in enumerate(reports)]
-        manifest = fmt.Manifest(tp_size, save_id, reports[0][1][2], files, build_plan(ranks, write_once=False).tensors)
-        fmt.write_manifest(save_dir, manifest)
-    except NeuronxDistributedError as error:  # returned to every rank
-        return None, error
-    except Exception as error:  # noqa: BLE001 - returned to every rank
-        return None, _as_save_error(error, save_dir)
-    return manifest, None
 
 
 def _remove_previous_files(save_dir: str, manifest: fmt.Manifest, tp_rank: int) -> None:
@@ -570,7 +462,7 @@ def _check_sharding(key: str, target: torch.Tensor, entry: fmt.TensorEntry, worl
         )
 
 
-def _target_layout(target: torch.Tensor, entry: fmt.TensorEntry, placement: _Placement) -> Target | None:
+def _target_layout(target: torch.Tensor, entry: fmt.TensorEntry, placement: Placement) -> Target | None:
     """The layout a model parameter wants a sharded checkpoint tensor in, where parts or replication are involved.
 
     None where neither side has parts (the saved stride is cut as before). A parameter
@@ -589,7 +481,7 @@ def _target_layout(target: torch.Tensor, entry: fmt.TensorEntry, placement: _Pla
     return Target((Part(logical_size(entry.row_parts())),), 0, 1)
 
 
-def _host_turns(placement: _Placement) -> tuple[int, int]:
+def _host_turns(placement: Placement) -> tuple[int, int]:
     """(this rank's turn, number of turns): the ranks of each host take turns in rank order."""
     if not placement.distributed:
         return 0, 1
@@ -599,7 +491,7 @@ def _host_turns(placement: _Placement) -> tuple[int, int]:
     return [rank for rank, host in enumerate(hosts) if host == hosts[me]].index(me), max(Counter(hosts).values())
 
 
-def _in_turns(placement: _Placement, work, take_turns: bool, path: str) -> object:
+def _in_turns(placement: Placement, work, take_turns: bool, path: str) -> object:
     """Run `work()` on every rank (each host's ranks one at a time if `take_turns`); raise everywhere if it failed anywhere.
 
     `take_turns` must be the same on every rank: it decides which collectives follow.
@@ -612,8 +504,8 @@ def _in_turns(placement: _Placement, work, take_turns: bool, path: str) -> objec
             try:
                 result = work()
             except Exception as caught:  # reported to every rank
-                error = _typed(caught, path)
-        _agree(placement, error, "loading the checkpoint")
+                error = as_read_error(caught, path)
+        agree(placement, error, "loading the checkpoint")
     return result
 
 
@@ -880,7 +772,7 @@ def load(load_dir: str, model: nn.Module | None = None, model_key: str | None = 
     upstream. `load_xser` chooses the layout of an upstream folder: True the xser
     layout, False the torch.save one, None (the default) detects it.
     """
-    placement = _placement()
+    placement = current_placement()
     read_phase, returns_tensors, error, optimizer = None, False, None, None
     try:
         load_dir = os.fspath(load_dir)
@@ -897,8 +789,8 @@ def load(load_dir: str, model: nn.Module | None = None, model_key: str | None = 
         else:
             read_phase, returns_tensors = _load_unsharded(load_dir, model, model_key, strict, placement)
     except Exception as caught:  # every rank learns about it before any model changes
-        error = _typed(caught, str(load_dir))
-    take_turns = any(_agree(placement, error, "checking the checkpoint", returns_tensors))
+        error = as_read_error(caught, str(load_dir))
+    take_turns = any(agree(placement, error, "checking the checkpoint", returns_tensors))
     loaded = _in_turns(placement, read_phase, take_turns, load_dir)
     return loaded if optimizer is None else _into_optimizer(placement, optimizer, loaded, model_key, load_dir)
 
@@ -924,7 +816,7 @@ def _model_or_optimizer(model, model_or_optimizer, sharded: bool) -> tuple:
     return None, model_or_optimizer
 
 
-def _into_optimizer(placement: _Placement, optimizer, loaded, model_key: str | None, load_dir: str):
+def _into_optimizer(placement: Placement, optimizer, loaded, model_key: str | None, load_dir: str):
     """Load `loaded[model_key]` (all of `loaded` with model_key=None) into `optimizer`; return what upstream does:
     the rest of the dict, or None with model_key=None."""
     error, rest = None, None
@@ -947,7 +839,7 @@ def _into_optimizer(placement: _Placement, optimizer, loaded, model_key: str | N
             f"the optimizer state in {load_dir!r} does not fit the optimizer ({type(caught).__name__}: {caught}); "
             "build the optimizer as it was when saved, over the same parameters and TP degree."
         )
-    _agree(placement, error, "loading the optimizer state")
+    agree(placement, error, "loading the optimizer state")
     return rest
 
 

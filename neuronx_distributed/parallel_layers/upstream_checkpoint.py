@@ -32,7 +32,6 @@ import contextlib
 import os
 import re
 import uuid
-import zlib
 from dataclasses import asdict, replace
 
 import torch
@@ -52,7 +51,7 @@ from ..errors import (
     UnsupportedParallelismError,
 )
 from . import checkpoint_format as fmt
-from .checkpoint_plan import RankReport, SavePlan, build_plan
+from .checkpoint_plan import RankReport, SavePlan, build_plan, fingerprint
 from .layouts import Layout
 from .model_state import find_model_state
 from .resharding import logical_parts, logical_size
@@ -396,11 +395,6 @@ def hf_config_layouts(config_path: str, tensor_parallel_size: int, shapes: dict[
     return layouts
 
 
-def _fingerprint(tensor: torch.Tensor) -> str:
-    """crc32 of a tensor's bytes (in row-major order)."""
-    return f"{zlib.crc32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()):08x}"
-
-
 def _check_rank_files(flats: list, entries: dict[str, fmt.TensorEntry], model_names: set[str]) -> None:
     """CheckpointCorruptError unless every rank file holds the model's tensors and only tensors of TP rank 0's."""
     for rank, flat in enumerate(flats):
@@ -423,7 +417,7 @@ def _replicated_fingerprints(checkpoint: UpstreamCheckpoint, names: list[str]) -
     fingerprints = []
     for rank in range(checkpoint.tensor_parallel_size):
         tensors = checkpoint.rank(rank)[1]
-        fingerprints.append({name: _fingerprint(tensors[name]) for name in names})
+        fingerprints.append({name: fingerprint(tensors[name]) for name in names})
         for name, crc in fingerprints[rank].items():
             if crc != fingerprints[0][name]:
                 raise ReplicatedMismatchError(

@@ -70,6 +70,7 @@ from ..errors import (
 from ..optimizer import NeuronZero1Optimizer
 from ..parallel_layers import checkpoint_format as fmt
 from ..parallel_layers import checkpointing, parallel_state
+from ..parallel_layers.checkpoint_agreement import agree, as_read_error, as_save_error, current_placement
 from ..parallel_layers.checkpoint_plan import SavePlan
 from ..parallel_layers.state_tree import decode, flatten
 from ..parallel_layers.utils import copy_tensor_model_parallel_attributes
@@ -114,7 +115,7 @@ class _Save:
             for folder, part in self.writes.items():
                 self.reports[folder] = part.write(os.path.join(self.staging, folder), placement.tp_rank, self.save_id)
         except BaseException as error:  # noqa: BLE001 - reported to every rank at the commit
-            self.error = checkpointing._as_save_error(error, self.checkpoint_dir) if isinstance(error, Exception) else error
+            self.error = as_save_error(error, self.checkpoint_dir) if isinstance(error, Exception) else error
         finally:
             self.writes = {}  # the snapshot's memory goes once written
 
@@ -169,7 +170,7 @@ def save_checkpoint(
     """
     global _pending
     finalize_checkpoint()
-    placement = checkpointing._placement()
+    placement = current_placement()
     error, save = None, None
     try:
         checkpoint_dir = os.fspath(checkpoint_dir_str)
@@ -194,8 +195,8 @@ def save_checkpoint(
             _check_new_tag(checkpoint_dir, tag)
         save = _Save(checkpoint_dir, tag, "", num_kept_ckpts, marker, {}, texts)
     except Exception as caught:  # every rank learns about it below
-        error = checkpointing._typed(caught, str(checkpoint_dir_str))
-    checkpointing._agree(placement, error, f"saving checkpoint tag {tag!r}")
+        error = as_read_error(caught, str(checkpoint_dir_str))
+    agree(placement, error, f"saving checkpoint tag {tag!r}")
     save.plans, save.writes = agree_plans(snapshots, MODEL_FOLDER, model is not None,
                                           model if isinstance(model, nn.Module) else None, placement)
     del snapshots  # what this rank does not write goes now
@@ -215,7 +216,7 @@ def finalize_checkpoint() -> None:
     save, _pending = _pending, None
     if save is not None:
         save.thread.join()
-        _commit(save, checkpointing._placement())
+        _commit(save, current_placement())
 
 
 def _commit(save: _Save, placement) -> None:
@@ -436,7 +437,7 @@ def load_checkpoint(
     mismatch every rank raises a typed error and nothing is loaded.
     """
     finalize_checkpoint()
-    placement = checkpointing._placement()
+    placement = current_placement()
     error, tag_dir, marker, scheduler_state, user_content = None, None, None, None, None
     try:
         checkpoint_dir = os.fspath(path)
@@ -464,8 +465,8 @@ def load_checkpoint(
         if marker.get("user_content"):
             user_content = _read_json(os.path.join(tag_dir, USER_CONTENT_FILE), "the user content")
     except Exception as caught:  # every rank learns about it below
-        error = checkpointing._typed(caught, str(path))
-    checkpointing._agree(placement, error, f"loading checkpoint tag {tag!r}")
+        error = as_read_error(caught, str(path))
+    agree(placement, error, f"loading checkpoint tag {tag!r}")
     optimizer_state = None
     if optimizer is not None:
         saved = [checkpointing.load(os.path.join(tag_dir, folder), model_key=None).get("optimizer")
@@ -475,8 +476,8 @@ def load_checkpoint(
             optimizer_state = saved[0] if len(saved) == 1 else _resharded_zero1_state(optimizer, saved, tag)
             _check_optimizer_state(optimizer, optimizer_state, tag)
         except Exception as caught:  # every rank learns about it below
-            error = checkpointing._typed(caught, str(path))
-        checkpointing._agree(placement, error, f"checking the optimizer state of tag {tag!r}")
+            error = as_read_error(caught, str(path))
+        agree(placement, error, f"checking the optimizer state of tag {tag!r}")
     if model is not None:
         checkpointing.load(os.path.join(tag_dir, MODEL_FOLDER), model, model_key=None, strict=strict)
     if optimizer is not None:
@@ -565,7 +566,7 @@ def _check_optimizer_kind(optimizer, marker: dict, tag: str) -> None:
             f"tag {tag!r} holds {'ZeRO-1' if saved == ZERO1 else 'plain'} optimizer state, but the optimizer given is "
             f"{'ZeRO-1' if given == ZERO1 else 'plain'}; build the optimizer as it was when saving."
         )
-    now = checkpointing._placement().tp_size
+    now = current_placement().tp_size
     if marker.get("tensor_parallel_size") != now:
         raise ReshardError(
             f"tag {tag!r} was saved at tensor_parallel_size={marker.get('tensor_parallel_size')} and its optimizer "

@@ -20,7 +20,6 @@ Planning is collective and runs where the save is called; writing a planned fold
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,8 @@ from torch import nn
 from ..errors import UnsafeCheckpointError
 from ..parallel_layers import checkpoint_format as fmt
 from ..parallel_layers import checkpointing
-from ..parallel_layers.checkpoint_plan import RankReport, SavePlan, build_plan
+from ..parallel_layers.checkpoint_agreement import agree
+from ..parallel_layers.checkpoint_plan import RankReport, SavePlan, build_plan, fingerprint
 from ..parallel_layers.state_tree import flatten
 
 
@@ -63,7 +63,7 @@ def _replicated_report(state, tp_rank: int, tp_size: int) -> RankReport:
             )
         entries[name] = fmt.TensorEntry(list(tensor.shape), dtype, fmt.REPLICATED)
         if tp_size > 1:
-            fingerprints[name] = f"{zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy()):08x}"
+            fingerprints[name] = fingerprint(tensor)
     return RankReport(tp_rank, entries, fingerprints)
 
 
@@ -91,7 +91,7 @@ def agree_plans(writes: dict, model_folder: str, has_model: bool, model: nn.Modu
     except Exception as caught:  # reported to every rank
         error = caught
     by_folder: dict[str, list[RankReport]] = {}
-    for rank_reports in checkpointing._agree(placement, error, "planning the optimizer state", reports):
+    for rank_reports in agree(placement, error, "planning the optimizer state", reports):
         for folder, report in rank_reports.items():
             by_folder.setdefault(folder, []).append(report)
     for folder, folder_reports in by_folder.items():
