@@ -38,6 +38,7 @@ from ..errors import (
     ReshardError,
 )
 from . import checkpoint_format as fmt
+from .checkpoint_storage import start_writeback
 from .resharding import logical_parts
 from .sharded_source import ShardedSource, Target, check_entry_divisible
 from .state_tree import TensorRef, decode
@@ -261,7 +262,8 @@ def _merge_checked(load_dir, out_dir, manifest, model_key, max_shard_bytes, prog
 
 def _write_merged(path: str, source: ShardedSource, tensors: list[tuple[str, str]], bar) -> None:
     """Write `tensors` ((state-dict key, checkpoint tensor name) pairs) as the safetensors file `path`, in one
-    pass: the header from the manifest, then each logical tensor's bytes streamed from the mapped shard files.
+    pass: the header from the manifest, then each logical tensor's bytes streamed from the mapped shard files,
+    the disk starting on each tensor once it is written (`checkpoint_storage.start_writeback`).
 
     No merged tensor is built in memory: a concatenation of contiguous pieces (partition dim 0, replicated
     tensors) is written piece by piece straight from the mapped files; one along a later dim is interleaved
@@ -281,6 +283,7 @@ def _write_merged(path: str, source: ShardedSource, tensors: list[tuple[str, str
     with open(path, "wb", buffering=0) as file:
         _write_all(file, struct.pack("<Q", len(text)) + text)
         for key, name, entry in entries:
+            begin = file.tell()
             target = Target(logical_parts(entry.row_parts()), 0, 1) if entry.layout == fmt.SHARDED else None
             dim, pieces = source.views(name, target)
             outer = 1 if dim is None else math.prod(pieces[0].shape[:dim])
@@ -289,6 +292,7 @@ def _write_merged(path: str, source: ShardedSource, tensors: list[tuple[str, str
                     _write_all(file, _bytes(piece.contiguous()))
             else:
                 buffer = _write_interleaved(file, [piece.reshape(outer, -1) for piece in pieces], buffer)
+            start_writeback(file.fileno(), begin, file.tell() - begin)  # the disk writes it while the rest is copied
             bar.update()
 
 
