@@ -5,11 +5,16 @@ compares `parallel_layers.save` / `load` with a plain copy of the same bytes on 
 same disk in the same run (`shutil.copyfile` + fsync of the shard files, both ranks
 at once), plus raw writes and reads of those bytes; and gives the peak RSS per rank
 of loading the unsharded checkpoint (`model.safetensors`, from `nxd checkpoint
-merge`) into the TP=2 model. "vs plain copy" is the plain copy's seconds over the
-row's: 100% takes as long as copying the checkpoint's bytes, more is faster. Every
-row is measured against that one copy, including merge (one process, while the
-copy row runs both ranks at once). Page cache is warm (files were just written);
-every timed step starts after `os.sync()` and is the median of `--repeats` runs.
+merge`) into the TP=2 model, and the checkpoint's bytes on disk against what it
+would hold if every TP rank wrote its own copy of each replicated tensor.
+
+The steps run in `--repeats` rounds, each round every step once in turn, so that
+load from other processes on the machine falls on all of them alike. "vs plain
+copy" is the copy's seconds over the step's in the same round (100%: as fast as
+copying the checkpoint's bytes, more is faster); the table shows the median over
+rounds and the lowest and highest. Every row is measured against that one copy,
+including merge (rank 0 alone, while the copy runs both ranks at once). Page cache
+is warm (the files were just written); every step starts after `os.sync()`.
 
 `--model` picks BERT-large's shapes (24 layers of hidden 1024, FFN 4096, vocab 30522,
 Q/K/V and FFN-in column-parallel, outputs row-parallel), the Llama-1B shape (16
@@ -17,7 +22,7 @@ layers of hidden 2048, 32 query / 8 KV heads through `GQAQKVColumnParallelLinear
 SwiGLU MLP 5632, vocab 32000, untied LM head, bf16), or both (the default);
 `--layers` scales the chosen models' depth.
 
-    .venv/bin/python benchmarks/checkpoint_io.py [--model both|bert-large|llama1b] [--layers N] [--dir /path/on/the/disk]
+    .venv/bin/python benchmarks/checkpoint_io.py [--model both|bert-large|llama1b] [--layers N] [--repeats 5] [--dir /path/on/the/disk]
 """
 
 from __future__ import annotations
@@ -119,17 +124,18 @@ def _rss_mib(field: str) -> float:
     raise RuntimeError(field)
 
 
-def _timed(fn, repeats: int) -> float:
-    """Median wall time of `fn` on every rank at once, each run starting with no dirty pages to write back."""
-    times = []
-    for _ in range(repeats):
-        os.sync()
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        dist.barrier()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def _timed_once(fn) -> float:
+    """Wall time of `fn` on every rank at once (until the last finishes), starting with no dirty pages to write back."""
+    os.sync()
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def _release_freed_memory() -> None:
@@ -167,26 +173,58 @@ def _io_worker(rank: int, world: int, root: str, model_name: str, layers: int, r
     parallel_state.initialize_model_parallel(world)
     torch.manual_seed(0)  # the same replicated weights on both TP ranks, as save checks
     model = MODELS[model_name][0](layers)
-    sharded = os.path.join(root, "sharded")
+    sharded, unsharded = os.path.join(root, "sharded"), os.path.join(root, "unsharded")
     state = {"model": model.state_dict(), "epoch": 1}
-    timings = {"save": _timed(lambda: save(state, sharded), repeats)}
-    manifest = fmt.read_manifest(sharded)
-    shard = os.path.join(sharded, manifest.files[rank].path)
-    timings["copy"] = _timed(lambda: _fsync_copy(shard, os.path.join(root, f"copy-{rank}")), repeats)
-    raw = os.path.join(root, f"raw-{rank}")
-    timings["raw_write"] = _timed(lambda: _raw_write(list(state["model"].values()), raw), repeats)
-    timings["load"] = _timed(lambda: load(sharded, model=model), repeats)
-    timings["load_noverify"] = _timed(lambda: load(sharded, model=model, verify=False), repeats)
-    timings["load_dict"] = _timed(lambda: load(sharded), repeats)
+    save(state, sharded)
+    raw, shard = os.path.join(root, f"raw-{rank}"), {}
+    _raw_write(list(state["model"].values()), raw)
     buffer = bytearray(os.path.getsize(raw))
-    timings["raw_read"] = _timed(lambda: _raw_read(raw, buffer), repeats)
+    steps = {
+        "copy": lambda: _fsync_copy(shard["path"], os.path.join(root, f"copy-{rank}")),
+        "raw_write": lambda: _raw_write(list(state["model"].values()), raw),
+        "raw_read": lambda: _raw_read(raw, buffer),
+        "save": lambda: save(state, sharded),
+        "load": lambda: load(sharded, model=model),
+        "load_noverify": lambda: load(sharded, model=model, verify=False),
+        "load_dict": lambda: load(sharded),
+        "merge": lambda: _merge(rank, sharded, unsharded),
+    }
+    timings = {step: [] for step in steps}
+    for _ in range(repeats):
+        shard["path"] = os.path.join(sharded, fmt.read_manifest(sharded).files[rank].path)  # each save names its own
+        for step, run in steps.items():
+            timings[step].append(_timed_once(run))
     if rank == 0:
+        manifest = fmt.read_manifest(sharded)
         timings["bytes"] = sum(entry.bytes for entry in manifest.files)
+        timings["disk_bytes"] = _bytes_on_disk(sharded)
+        timings["per_rank_copies_bytes"] = timings["disk_bytes"] + sum(
+            (manifest.tensor_parallel_size - 1) * math.prod(entry.shape) * getattr(torch, entry.dtype).itemsize
+            for entry in manifest.tensors.values() if entry.file is not None
+        )
         timings["params"] = sum(math.prod(e.shape) for e in manifest.tensors.values())
         with open(results, "w") as file:
             json.dump(timings, file)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _merge(rank: int, sharded: str, unsharded: str) -> None:
+    """`nxd checkpoint merge` on rank 0 with every CPU thread (as the command runs); the other ranks wait."""
+    from neuronx_distributed.parallel_layers import checkpoint_tools
+
+    if rank == 0:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            checkpoint_tools.merge(sharded, unsharded)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _bytes_on_disk(folder: str) -> int:
+    """Bytes of every file under `folder`."""
+    return sum(os.path.getsize(os.path.join(top, name)) for top, _, names in os.walk(folder) for name in names)
 
 
 def _rss_worker(rank: int, world: int, root: str, model_name: str, layers: int, results: str) -> None:
@@ -223,12 +261,6 @@ def _measure(model_name: str, layers: int, repeats: int, folder: str | None) -> 
                            start_method="spawn")
         with open(io_results) as file:
             io = json.load(file)
-        from neuronx_distributed.parallel_layers import checkpoint_tools
-
-        os.sync()
-        start = time.perf_counter()
-        checkpoint_tools.merge(os.path.join(root, "sharded"), os.path.join(root, "unsharded"))
-        merge_seconds = time.perf_counter() - start
         unsharded_bytes = os.path.getsize(os.path.join(root, "unsharded", "model.safetensors"))
         rss_results = os.path.join(root, "rss.json")
         mp.start_processes(_rss_worker, args=(2, root, model_name, layers, rss_results), nprocs=2, start_method="spawn")
@@ -242,23 +274,30 @@ def _measure(model_name: str, layers: int, repeats: int, folder: str | None) -> 
     _, _, title, dtype = MODELS[model_name]
     gib = io["bytes"] / 1024**3
     print(f"{title}, {layers} layers: {io['params'] / 1e6:.0f}M parameters, {dtype}, TP=2 on 2 processes; "
-          f"checkpoint {gib:.2f} GiB; disk under {folder or tempfile.gettempdir()}; median of {repeats}")
+          f"checkpoint {gib:.2f} GiB; disk under {folder or tempfile.gettempdir()}; {repeats} rounds")
     print()
-    print(f"| {'operation':<48} | {'seconds':>7} | {'GiB/s':>6} | {'vs plain copy':>13} |")
-    print(f"|{'-' * 50}|{'-' * 9}|{'-' * 8}|{'-' * 15}|")
+    print(f"| {'operation':<48} | {'seconds':>7} | {'GiB/s':>6} | {'vs plain copy':>13} | {'lowest - highest':>16} |")
+    print(f"|{'-' * 50}|{'-' * 9}|{'-' * 8}|{'-' * 15}|{'-' * 18}|")
     rows = [
-        ("plain copy of the shard files (cp + fsync)", io["copy"]),
-        ("raw write of the same bytes (+ fsync)", io["raw_write"]),
-        ("raw read of the same bytes", io["raw_read"]),
-        ("save (safetensors + fsync + crc32 + manifest)", io["save"]),
-        ("load into model (crc32 verify)", io["load"]),
-        ("load into model (verify=False)", io["load_noverify"]),
-        ("load the whole dict, no model (ranks take turns)", io["load_dict"]),
-        ("nxd checkpoint merge (verify + unshard, 1 run)", merge_seconds),
+        ("plain copy of the shard files (cp + fsync)", "copy"),
+        ("raw write of the same bytes (+ fsync)", "raw_write"),
+        ("raw read of the same bytes", "raw_read"),
+        ("save (safetensors + fsync + crc32 + manifest)", "save"),
+        ("load into model (crc32 verify)", "load"),
+        ("load into model (verify=False)", "load_noverify"),
+        ("load the whole dict, no model (ranks take turns)", "load_dict"),
+        ("nxd checkpoint merge (verify + unshard, rank 0)", "merge"),
     ]
-    for name, seconds in rows:
-        rate = gib / seconds
-        print(f"| {name:<48} | {seconds:7.2f} | {rate:6.2f} | {io['copy'] / seconds:12.0%} |")
+    for name, step in rows:
+        seconds = _median(io[step])
+        ratios = sorted(copy / own for copy, own in zip(io["copy"], io[step]))
+        print(f"| {name:<48} | {seconds:7.2f} | {gib / seconds:6.2f} | {_median(ratios):12.0%} | "
+              f"{ratios[0]:6.0%} - {ratios[-1]:6.0%} |")
+    print()
+    mib = 1024**2
+    print(f"Bytes on disk of the TP=2 checkpoint: {io['disk_bytes'] / mib:.1f} MiB with each replicated tensor written "
+          f"once; {io['per_rank_copies_bytes'] / mib:.1f} MiB if every TP rank wrote its own copy (computed from the "
+          f"manifest, headers aside): {1 - io['disk_bytes'] / io['per_rank_copies_bytes']:.2%} smaller.")
     print()
     unsharded_mib = unsharded_bytes / 1024**2
     print(f"Unsharded checkpoint ({unsharded_mib:.0f} MiB model.safetensors) -> TP=2 model, per rank. The target "
@@ -281,7 +320,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["both", *MODELS], default="both", help="the model shapes (default: both)")
     parser.add_argument("--layers", type=int, default=None,
                         help=f"transformer layers (default {LAYERS} for BERT-large, {LLAMA_LAYERS} for Llama-1B)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per step, the median is shown (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of timed steps, the median is shown (default 3)")
     args = parser.parse_args()
     for model_name in MODELS if args.model == "both" else [args.model]:
         _measure(model_name, args.layers or MODELS[model_name][1], args.repeats, args.dir)
