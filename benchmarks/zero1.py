@@ -27,7 +27,10 @@ reduced gradient chunks and master chunks where a chunk cannot alias its paramet
 storage counted once; "total" adds the parameters and gradients; both the largest over the
 ranks. Step time is the median (and min) over --steps full steps (forward, backward,
 gradient exchange, clipping, optimizer step, parameter exchange) after --warmup, between
-barriers, as rank 0 sees it. The targets (issue 14): nxd optimizer bytes <= 1.05 / DP of
+barriers, as rank 0 sees it; with --rounds N the variants run in turn N times and each
+row pools the steps of its rounds. On a loaded machine, run it at real-time priority with
+a watchdog above it, e.g. `chrt -f 2 timeout 900 chrt -r 1 .venv/bin/torchrun ...`
+(round-robin, not FIFO: 4 FIFO ranks on 2 cores can starve each other for good). The targets (issue 14): nxd optimizer bytes <= 1.05 / DP of
 plain's, nxd step time <= 1.10x plain's and <= torch ZeRO's on the same engine.
 """
 
@@ -178,7 +181,8 @@ class Row:
     fastest: float
 
 
-def measure(variant: str, engine: str, label: str, args) -> Row:
+def measure(variant: str, engine: str, label: str, args) -> tuple[Row, list[float]]:
+    """One variant's row and its timed steps."""
     comm.set_backend(engine)  # sets the groups up again on this engine (an environment variable would not)
     model = build_model(args)
     optimizer, step = make_step(variant, model)
@@ -197,7 +201,20 @@ def measure(variant: str, engine: str, label: str, args) -> Row:
     held = torch.tensor(bytes_held(model, optimizer), dtype=torch.float64)
     dist.all_reduce(held, op=dist.ReduceOp.MAX)
     del optimizer, model
-    return Row(label, engine, int(held[0]), int(held[1]), statistics.median(times), min(times))
+    return Row(label, engine, int(held[0]), int(held[1]), statistics.median(times), min(times)), times
+
+
+def measure_rounds(variants: list[tuple[str, str, str]], args) -> list[Row]:
+    """Every variant in turn, `args.rounds` times; each row's median and min over the steps of all its rounds."""
+    rows, times = {}, {}
+    for _ in range(args.rounds):
+        for variant, engine, label in variants:
+            row, steps = measure(variant, engine, label, args)
+            rows.setdefault((label, engine), row)
+            times.setdefault((label, engine), []).extend(steps)
+    for key, row in rows.items():
+        row.median, row.fastest = statistics.median(times[key]), min(times[key])
+    return list(rows.values())
 
 
 def report(rows: list[Row], tp: int, dp: int, params: int) -> None:
@@ -232,6 +249,8 @@ def main():
     parser.add_argument("--batch", type=int, default=1, help="sequences per DP rank")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the variants in turn this many times (interleaved, against load drift)")
     args = parser.parse_args()
     if os.environ.get(comm.BACKEND_ENV, "").strip():
         raise SystemExit(f"unset {comm.BACKEND_ENV}: it would override the engine each row names")
@@ -247,7 +266,7 @@ def main():
         local = sum(p.numel() * (1 if is_tensor_parallel(p) else 1 / tp) for p in build_model(args).parameters())
         params = torch.tensor([local], dtype=torch.float64)
         dist.all_reduce(params, group=parallel_state.get_tensor_model_parallel_group())
-        rows = [measure(variant, engine, label, args) for variant, engine, label in variants]
+        rows = measure_rounds(variants, args)
         if dist.get_rank() == 0:
             report(rows, tp, parallel_state.get_data_parallel_size(), int(params))
         parallel_state.destroy_model_parallel()
