@@ -232,6 +232,10 @@ def _failing_write_on_rank_1(monkeypatch):
     monkeypatch.setattr(checkpoint_format, "write_shard_file", write)
 
 
+def _raise_runtime_error():
+    raise RuntimeError("scheduler broke")
+
+
 def _case_failed_saves_keep_previous(folder: str):
     model, optimizer, scheduler = _trainer_run(False)
     save_checkpoint(folder, "good", model=model, optimizer=optimizer, scheduler=scheduler)
@@ -256,6 +260,10 @@ def _case_failed_saves_keep_previous(folder: str):
     assert _same(_params(fresh), saved)
     with pytest.raises(UnsafeCheckpointError, match="holds tensors"):
         save_checkpoint(folder, "tensor_content", model=model, user_content={"w": torch.ones(2)})
+    with pytest.MonkeyPatch.context() as monkeypatch:  # a scheduler failing on rank 0 fails the save everywhere
+        monkeypatch.setattr(scheduler, "state_dict", _raise_runtime_error)
+        with pytest.raises(CheckpointSaveError, match="writing the checkpoint.*scheduler broke"):
+            save_checkpoint(folder, "broken_scheduler", model=model, scheduler=scheduler)
     save_checkpoint(folder, "next", model=model)
     assert sorted(os.listdir(folder)) == ["good", "newest", "next"]
     return parallel_state.get_tensor_model_parallel_rank()

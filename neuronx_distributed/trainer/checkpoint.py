@@ -195,7 +195,7 @@ def save_checkpoint(
             _check_new_tag(checkpoint_dir, tag)
         save = _Save(checkpoint_dir, tag, "", num_kept_ckpts, marker, {}, texts)
     except Exception as caught:  # every rank learns about it below
-        error = as_read_error(caught, str(checkpoint_dir_str))
+        error = as_save_error(caught, str(checkpoint_dir_str))
     agree(placement, error, f"saving checkpoint tag {tag!r}")
     save.plans, save.writes = agree_plans(snapshots, MODEL_FOLDER, model is not None,
                                           model if isinstance(model, nn.Module) else None, placement)
