@@ -6,8 +6,9 @@ or in a `Target` layout that the model's parameter declares; replicated and
 per-rank values, and the state structure, come from the source rank with the
 target's index when there is one, else from TP rank 0. Every shard file is
 checked against the manifest (`checkpoint_format.check_shard_file`) before it is
-read; reads are views of the memory-mapped file at the offsets that check
-validated, copied once, into the caller's tensor with `read_into`.
+read, at the offsets that check validated: `read_into` reads a piece that is one
+run of the file's bytes straight into the caller's tensor (preadv) and copies a
+strided one from the memory-mapped file; `read` allocates the tensor and does the same.
 """
 
 from __future__ import annotations
@@ -177,10 +178,10 @@ class ShardedSource:
             return None, [(self.source_rank, 0, 0)]
         return entry.partition_dim, parts_pieces(saved, self.source_world, target.parts, target.rank, target.world_size)
 
-    def byte_run(self, source: int, name: str, dim: int | None, start: int, stop: int) -> tuple[str, int, int] | None:
+    def _byte_run(self, source: int, name: str, dim: int | None, start: int, stop: int) -> tuple[str, int, int] | None:
         """(file path, offset, length) of rows start:stop along `dim` (all when None) of saved TP rank `source`'s
-        tensor `name` when they are one run of bytes in its shard file (a whole tensor, rows along its first
-        dim that is not 1); None when they are strided."""
+        tensor `name` when they are one run of bytes in its shard file (a whole tensor, or rows along a dim that
+        only dims of size 1 precede); None when they are strided (or the file is not one of ours)."""
         shard = self.check_file(source)
         if not isinstance(shard, fmt.ShardFile):
             return None
@@ -199,7 +200,7 @@ class ShardedSource:
         if not isinstance(shard, fmt.ShardFile) or region.device.type != "cpu" or not region.is_contiguous() \
                 or region.dtype != shard.spans[name][0]:
             return False
-        run = self.byte_run(source, name, dim, start, stop)
+        run = self._byte_run(source, name, dim, start, stop)
         if run is None:
             return False
         path, offset, length = run
