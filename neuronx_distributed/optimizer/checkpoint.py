@@ -49,23 +49,22 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from .. import errors, folder_lock
+from .. import folder_lock
 from ..durable import replace_with_text
 from ..errors import (
     CheckpointArgumentError,
     CheckpointBusyError,
     CheckpointCorruptError,
-    CheckpointError,
     CheckpointNotFoundError,
     CheckpointSaveError,
     CheckpointShapeError,
     IncompleteCheckpointError,
-    NeuronxDistributedError,
     OptimizerConfigError,
     ReshardError,
     UnsafeCheckpointError,
 )
 from ..parallel_layers import checkpoint_format as fmt
+from ..parallel_layers.checkpoint_agreement import agree, as_read_error, as_save_error, current_placement
 from ..parallel_layers.checkpoint_storage import publish, write_aside, write_safetensors
 from ..parallel_layers import parallel_state
 from ..parallel_layers.utils import tensor_model_parallel_attributes
@@ -301,48 +300,6 @@ def _check_json(value, what: str) -> None:
         ) from None
 
 
-# ---------------------------------------------------------------- agreement between ranks
-
-
-def _exchange(error: BaseException | None, value, what: str) -> list:
-    """Every rank's `value`, in global rank order; if any rank passed an error, raise on every rank.
-
-    The failing rank raises its own error; the others raise the same type (a class of
-    `neuronx_distributed.errors`, else CheckpointError) naming the failed rank.
-    """
-    failure = None if error is None else (type(error).__name__, str(error))
-    reports = [(failure, value)]
-    if dist.get_world_size() > 1:
-        reports = [None] * dist.get_world_size()
-        dist.all_gather_object(reports, (failure, value))
-    if error is not None:
-        raise error
-    failed = [(rank, report[0]) for rank, report in enumerate(reports) if report[0] is not None]
-    if failed:
-        rank, (type_name, message) = failed[0]
-        error_type = getattr(errors, type_name, None)
-        if not (isinstance(error_type, type) and issubclass(error_type, NeuronxDistributedError)):
-            error_type = CheckpointError
-        raise error_type(f"{what} failed on rank {rank} ({len(failed)} rank(s) failed): {type_name}: {message}")
-    return [report[1] for report in reports]
-
-
-def _typed(error: Exception, path: str, saving: bool) -> Exception:
-    """`error` as a typed error: ours unchanged, anything else (an OSError) as CheckpointSaveError / CheckpointError."""
-    if isinstance(error, NeuronxDistributedError):
-        return error
-    if saving:
-        wrapped = CheckpointSaveError(
-            f"writing the optimizer checkpoint at {path!r} failed ({type(error).__name__}: {error}); check the path, "
-            "its permissions and the free space. The previous checkpoint there (if any) is kept."
-        )
-    else:
-        wrapped = CheckpointError(f"reading the optimizer checkpoint at {path!r} failed ({type(error).__name__}: {error}); "
-                                  "check the path and its permissions.")
-    wrapped.__cause__ = error
-    return wrapped
-
-
 def _turns(hosts: list[str], rank: int, per_turn: int) -> tuple[int, int]:
     """(this rank's turn, number of turns): each host's ranks, in rank order, `per_turn` at a time."""
     mine = [r for r, host in enumerate(hosts) if host == hosts[rank]].index(rank)
@@ -392,9 +349,9 @@ def save_optimizer_state(optimizer, output_dir: str, num_workers_per_step: int =
         if dist.get_rank() == 0:
             lock = _lock_folder(output_dir)
     except Exception as caught:  # reported to every rank below
-        error = _typed(caught, output_dir, saving=True)
+        error = as_save_error(caught, output_dir)
     try:
-        started = _exchange(error, (socket.gethostname(), uuid.uuid4().hex), "starting the optimizer save")
+        started = agree(current_placement(), error, "starting the optimizer save", (socket.gethostname(), uuid.uuid4().hex))
         save_id = started[0][1]
         turn, turns = _turns([host for host, _ in started], dist.get_rank(), per_turn)
         written = {}
@@ -405,15 +362,15 @@ def save_optimizer_state(optimizer, output_dir: str, num_workers_per_step: int =
 
         failure = _in_turns(turn, turns, write)
         try:
-            reports = _exchange(failure and _typed(failure, output_dir, saving=True), (record, written.get("entry")),
-                                "writing the optimizer state")
+            reports = agree(current_placement(), failure and as_save_error(failure, output_dir),
+                            "writing the optimizer state", (record, written.get("entry")))
             committed, commit_error = None, None
             if dist.get_rank() == 0:
                 try:
                     committed = _commit(output_dir, save_id, reports, view)
                 except Exception as caught:
-                    commit_error = _typed(caught, output_dir, saving=True)
-            _exchange(commit_error, None, "writing the optimizer checkpoint's manifest")
+                    commit_error = as_save_error(caught, output_dir)
+            agree(current_placement(), commit_error, "writing the optimizer checkpoint's manifest")
         except BaseException:
             name = os.path.join(output_dir, file_name(view.tp_rank, view.dp_rank, save_id))
             for path in (name, name + ".tmp"):
@@ -552,8 +509,8 @@ def load_optimizer_state(optimizer, input_dir: str, num_workers_per_step: int = 
         per_turn = _checked_workers(num_workers_per_step)
         view = _view(optimizer)
     except Exception as caught:  # reported to every rank below
-        error = _typed(caught, input_dir, saving=False)
-    hosts = _exchange(error, socket.gethostname(), "starting the optimizer load")
+        error = as_read_error(caught, input_dir)
+    hosts = agree(current_placement(), error, "starting the optimizer load", socket.gethostname())
     turn, turns = _turns(hosts, dist.get_rank(), per_turn)
     prepared = {}
 
@@ -561,7 +518,7 @@ def load_optimizer_state(optimizer, input_dir: str, num_workers_per_step: int = 
         prepared["state"] = _prepare(input_dir, view)
 
     failure = _in_turns(turn, turns, read)
-    _exchange(failure and _typed(failure, input_dir, saving=False), None, "loading the optimizer state")
+    agree(current_placement(), failure and as_read_error(failure, input_dir), "loading the optimizer state")
     view.load(*prepared["state"])
 
 

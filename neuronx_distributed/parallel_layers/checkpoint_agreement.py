@@ -46,7 +46,7 @@ def current_placement() -> Placement:
 def agree(placement: Placement, error: BaseException | None, what: str, value=None) -> list:
     """Every rank's `value`, once all ranks got here; raise on every rank if any failed.
 
-    A failing rank raises its own error; the others raise the same type (one of
+    A failing rank raises its own error; the others raise the same type (a class of
     `neuronx_distributed.errors`, else CheckpointError) naming the failed rank.
     Decisions that shape later collectives are taken from the returned list, the
     same on every rank.
@@ -63,7 +63,7 @@ def agree(placement: Placement, error: BaseException | None, what: str, value=No
     if failed:
         rank, (type_name, message) = failed[0]
         error_type = getattr(errors, type_name, None)
-        if not (isinstance(error_type, type) and issubclass(error_type, CheckpointError)):
+        if not (isinstance(error_type, type) and issubclass(error_type, NeuronxDistributedError)):
             error_type = CheckpointError
         raise error_type(f"{what} failed on rank {rank} ({len(failed)} rank(s) failed): {type_name}: {message}")
     return [reported for _, reported in reports]
