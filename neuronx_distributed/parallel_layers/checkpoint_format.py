@@ -22,6 +22,7 @@ agrees with the manifest (names, dtypes, shapes, offsets, rank, save).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -183,6 +184,15 @@ def checksum_file(path: str, progress: Callable[[int], object] | None = None, li
             if progress is not None:
                 progress(count)
     return f"{crc:08x}", size
+
+
+def remove_shard_file(save_dir: str, tp_rank: int, save_id: str) -> None:
+    """Delete a rank's shard file of save `save_id`, finished or still written aside, where it exists
+    (the clean-up after a failed save, reshard or convert; an OSError here never hides the failure)."""
+    final = os.path.join(save_dir, shard_file_path(tp_rank, save_id))
+    for path in (final, final + ".tmp"):
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def write_shard_file(save_dir: str, tp_rank: int, save_id: str, tensors: dict[str, torch.Tensor], structure) -> FileEntry:

@@ -384,10 +384,7 @@ def reshard(load_dir: str, out_dir: str, tensor_parallel_size: int, progress: bo
             fmt.write_manifest(out_dir, resharded)
         except BaseException:
             for rank in range(tensor_parallel_size):
-                final = os.path.join(out_dir, fmt.shard_file_path(rank, save_id))
-                for path in (final, final + ".tmp"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path)
+                fmt.remove_shard_file(out_dir, rank, save_id)
             raise
         fmt.remove_stale(out_dir, resharded)
     return resharded

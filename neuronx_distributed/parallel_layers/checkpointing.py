@@ -31,7 +31,6 @@ it comes from the source TP rank of the same index, else TP rank 0.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import uuid
@@ -369,20 +368,12 @@ def _save_locked(state_dict, save_dir: str, save_id: str, model_key: str | None,
         agree(placement, error, "writing the manifest")
     except BaseException:
         if writes:
-            _remove_own_file(save_dir, placement.tp_rank, save_id)
+            fmt.remove_shard_file(save_dir, placement.tp_rank, save_id)
         raise
     if writes:
         _remove_previous_files(save_dir, manifest, placement.tp_rank)
     if placement.distributed:
         dist.barrier()  # every writer is done deleting before rank 0 releases the folder
-
-
-def _remove_own_file(save_dir: str, tp_rank: int, save_id: str) -> None:
-    """Delete what this rank's part of a failed save wrote (its shard file, finished or not)."""
-    final = os.path.join(save_dir, fmt.shard_file_path(tp_rank, save_id))
-    for path in (final, final + ".tmp"):
-        with contextlib.suppress(OSError):
-            os.remove(path)
 
 
 def _remove_previous_files(save_dir: str, manifest: fmt.Manifest, tp_rank: int) -> None:

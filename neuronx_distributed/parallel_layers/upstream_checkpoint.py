@@ -28,7 +28,6 @@ saved TP degree).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import uuid
@@ -493,10 +492,7 @@ def convert(load_dir: str, out_dir: str, layouts: dict[str, Layout], model_key: 
                 fmt.write_manifest(out_dir, manifest)
             except BaseException:
                 for rank in range(world):
-                    final = os.path.join(out_dir, fmt.shard_file_path(rank, save_id))
-                    for path in (final, final + ".tmp"):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.remove(path)
+                    fmt.remove_shard_file(out_dir, rank, save_id)
                 raise
             fmt.remove_stale(out_dir, manifest)
     except folder_lock.FolderBusy as busy:
