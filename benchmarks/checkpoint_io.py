@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -132,10 +133,6 @@ def _timed_once(fn) -> float:
     fn()
     dist.barrier()
     return time.perf_counter() - start
-
-
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def _release_freed_memory() -> None:
@@ -289,9 +286,9 @@ def _measure(model_name: str, layers: int, repeats: int, folder: str | None) -> 
         ("nxd checkpoint merge (verify + unshard, rank 0)", "merge"),
     ]
     for name, step in rows:
-        seconds = _median(io[step])
+        seconds = statistics.median(io[step])
         ratios = sorted(copy / own for copy, own in zip(io["copy"], io[step]))
-        print(f"| {name:<48} | {seconds:7.2f} | {gib / seconds:6.2f} | {_median(ratios):12.0%} | "
+        print(f"| {name:<48} | {seconds:7.2f} | {gib / seconds:6.2f} | {statistics.median(ratios):12.0%} | "
               f"{ratios[0]:6.0%} - {ratios[-1]:6.0%} |")
     print()
     mib = 1024**2
