@@ -15,7 +15,8 @@ Rows, each on a group of all the ranks:
   gloo      torch.distributed.all_reduce on a gloo group
 and, with --phases, the hierarchical engine's steps, each alone on the whole tensor (what the
 engine runs one after the other):
-  agree                the call's description compared over the group (shm max, then gloo max across)
+  agree                the call's description compared over the group (shm max inside each host, a gloo
+                       all-gather among the hosts' local ranks 0, the verdict broadcast in shm)
   local reduce-scatter shared memory, in place: local rank l ends with its host's sum of slice l
   gloo across          torch.distributed.all_reduce of slice l among the local-index-l ranks
   local all-gather     one shared-memory broadcast from each local rank, in place

@@ -142,6 +142,7 @@ def _group_hosts(group) -> list[str]:
 MIXED_CALLS = {
     "size on one rank": {3: "all_reduce n=7"},
     "size on one node": {2: "all_reduce n=7", 3: "all_reduce n=7"},
+    "size on the second rank of each node": {1: "all_reduce n=7", 3: "all_reduce n=7"},
     "dtype on one rank": {1: "all_reduce float64"},
     "engine on one rank": {2: "all_reduce int64"},
     "op on one rank": {0: "all_reduce max"},
