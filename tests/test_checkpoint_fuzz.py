@@ -11,6 +11,7 @@ takes on every rank; nothing may escape but a NeuronxDistributedError.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -39,7 +40,8 @@ JSON_VALUES = st.recursive(
 def _valid_manifest() -> dict:
     """A TP=2 manifest with every layout, as `save` writes it."""
     save_id = "0123abcd"
-    files = [fmt.FileEntry(fmt.shard_file_path(rank, save_id), 1000 + rank, f"{rank:08x}") for rank in range(2)]
+    files = [fmt.FileEntry(fmt.shard_file_path(rank, save_id), 1000 + rank, f"{rank:08x}",
+                           {"model/fc.weight": f"{rank + 10:08x}", "model/norm.weight": "0000abcd"}) for rank in range(2)]
     tensors = {
         "model/fc.weight": fmt.TensorEntry([8, 4], "float32", fmt.SHARDED, 0, 1),
         "model/qkv.weight": fmt.TensorEntry([12, 4], "bfloat16", fmt.SHARDED, 0, 3),
@@ -183,6 +185,8 @@ def test_shard_reader_with_damaged_files(checkpoint, data):
     if record_checksum:  # as a forger would: the header checks must stand on their own
         crc, size = fmt.checksum_file(shard)
         raw["files"][0].update(bytes=max(size, 8), crc32=crc)
+        with contextlib.suppress(NeuronxDistributedError):  # each tensor's too, where the header still says where
+            raw["files"][0]["crc32"], raw["files"][0]["tensor_crc32"] = fmt.checksum_tensors(shard)
     with open(os.path.join(folder, fmt.MANIFEST_NAME), "w") as file:
         json.dump(raw, file)
     for read in (lambda: load(folder), lambda: load(folder, verify=False), lambda: verify(folder)):

@@ -104,7 +104,7 @@ def test_replicated_tensors_are_stored_once_and_load_at_any_tp(pools, tmp_path, 
     once = {name for name, entry in manifest.tensors.items() if entry.file is not None}
     assert {"model/norm.weight", "model/norm.bias", "model/mlp.fc2.bias", "step"} <= once
     assert once <= first and not once & second
-    assert manifest.version == 2
+    assert manifest.version == 3
     from neuronx_distributed.cli import main
 
     assert main(["checkpoint", "inspect", save_dir]) == 0
@@ -127,11 +127,44 @@ def test_a_version_1_checkpoint_still_loads(pools, tmp_path):
         tensors, metadata = {name: file.get_tensor(name) for name in file.keys()}, file.metadata()
     save_file({**tensors, **once}, path, metadata=metadata)
     raw["files"][1]["crc32"], raw["files"][1]["bytes"] = fmt.checksum_file(path)
+    for entry in raw["files"]:
+        del entry["tensor_crc32"]  # version 3's
     raw["version"] = 1
     with open(manifest_path, "w") as file:
         json.dump(raw, file)
     assert fmt.read_manifest(save_dir).version == 1
     _check_loads(pools, save_dir, _model(parallel=False).state_dict())
+
+
+def test_a_version_2_checkpoint_still_loads_and_verifies_whole_files(pools, tmp_path):
+    """Version 2 records one crc32 per file and none per tensor: what the release before per-tensor checksums
+    wrote. It loads, and damage in a file a rank reads is still caught by the whole-file checksum."""
+    from neuronx_distributed.cli import main
+    from neuronx_distributed.errors import CheckpointCorruptError
+
+    save_dir = str(tmp_path / "v2")
+    pools.run(2, 2, _case_save, save_dir)
+    manifest_path = os.path.join(save_dir, fmt.MANIFEST_NAME)
+    with open(manifest_path) as file:
+        raw = json.load(file)
+    for entry in raw["files"]:
+        del entry["tensor_crc32"]
+    raw["version"] = 2
+    with open(manifest_path, "w") as file:
+        json.dump(raw, file)
+    manifest = fmt.read_manifest(save_dir)
+    assert manifest.version == 2 and all(entry.tensor_crc32 is None for entry in manifest.files)
+    _check_loads(pools, save_dir, _model(parallel=False).state_dict())
+    assert main(["checkpoint", "verify", save_dir]) == 0
+    path = os.path.join(save_dir, raw["files"][0]["path"])
+    with open(path, "r+b") as file:
+        file.seek(-3, os.SEEK_END)  # inside the last tensor's bytes
+        byte = file.read(1)
+        file.seek(-3, os.SEEK_END)
+        file.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(CheckpointCorruptError, match="tp_rank_00"):
+        load(save_dir)
+    assert main(["checkpoint", "verify", save_dir]) == 1
 
 
 def test_down_cast_bf16_and_save_serially(pools, tmp_path):

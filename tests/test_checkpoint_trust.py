@@ -69,11 +69,13 @@ def _write_manifest(folder: str, raw: dict) -> None:
 
 
 def _record_files(folder: str) -> None:
-    """Rewrite the manifest's sizes and checksums to match the files now on disk (as a careful forger would)."""
+    """Rewrite the manifest's sizes and checksums (the file's and each tensor's) to match the files now on disk
+    (as a careful forger would)."""
     raw = _manifest(folder)
     for entry in raw["files"]:
-        crc, size = fmt.checksum_file(os.path.join(folder, entry["path"]))
-        entry["bytes"], entry["crc32"] = size, crc
+        path = os.path.join(folder, entry["path"])
+        entry["bytes"] = os.path.getsize(path)
+        entry["crc32"], entry["tensor_crc32"] = fmt.checksum_tensors(path)
     _write_manifest(folder, raw)
 
 
@@ -224,6 +226,67 @@ def test_a_rank_file_that_disagrees_with_the_manifest_changes_no_model(pools, tp
     for (error_type, message), changed in pools.run(2, 2, _case_load_unchanged_on_every_rank, forged):
         assert changed == []
         assert error_type == "CheckpointCorruptError" and "mlp.fc1.weight" in message, message
+
+
+def _flip_byte_of(folder: str, rank: int, name: str, at: int = 0) -> None:
+    """Flip a bit of byte `at` of tensor `name` in TP rank `rank`'s shard file of the checkpoint at `folder`."""
+    manifest = fmt.read_manifest(folder)
+    offset, nbytes = fmt.check_shard_file(folder, manifest, rank).byte_span(name)
+    assert 0 <= at < nbytes
+    with open(os.path.join(folder, manifest.files[rank].path), "r+b") as file:
+        file.seek(offset + at)
+        byte = file.read(1)[0]
+        file.seek(offset + at)
+        file.write(bytes([byte ^ 0x04]))
+
+
+@pytest.mark.parametrize("rank,name", [
+    (0, "model/norm.weight"),  # replicated, stored once in TP rank 0's file: TP rank 1 reads it from there
+    (1, "model/mlp.fc1.weight"),  # TP rank 1's shard
+    (0, "model/embed.weight"),  # TP rank 0's shard
+])
+def test_damage_in_a_tensor_that_a_rank_reads_changes_no_model(pools, tp2, tmp_path, rank, name):
+    damaged = _copy(tp2, tmp_path, "damaged")
+    _flip_byte_of(damaged, rank, name, at=5)
+    for (error_type, message), changed in pools.run(2, 2, _case_load_unchanged_on_every_rank, damaged):
+        assert changed == []
+        assert error_type == "CheckpointCorruptError" and name in message and f"tp_rank_0{rank}" in message, message
+    assert main(["checkpoint", "verify", damaged]) == 1
+
+
+def test_a_rank_verifies_the_tensors_it_reads_from_another_ranks_file(tp2, tmp_path):
+    """TP rank 1 reads the replicated tensors that TP rank 0's file holds, and checks each of them, but not rank 0's
+    shards, which it does not read."""
+    from neuronx_distributed.parallel_layers.sharded_source import ShardedSource
+
+    damaged = _copy(tp2, tmp_path, "damaged")
+    _flip_byte_of(damaged, 0, "model/norm.weight")
+    _flip_byte_of(damaged, 0, "model/mlp.fc1.weight")
+    rank_1 = ShardedSource(damaged, fmt.read_manifest(damaged), 1, 2)
+    rank_1.verify(["model/mlp.fc1.weight", "model/mlp.fc1.bias"])  # its own shards: intact
+    with pytest.raises(CheckpointCorruptError, match=r"tp_rank_00.*'model/norm\.weight' has crc32"):
+        rank_1.verify(["model/mlp.fc1.weight", "model/norm.weight"])
+
+
+def _case_load_epoch(save_dir: str):
+    return load(save_dir, model=Net(parallel=True))["epoch"]
+
+
+def test_damage_in_a_shard_files_header_is_caught_on_every_rank(pools, tp2, tmp_path):
+    """The header (the state beside the tensors: here the epoch) is checked too: its crc32, with the tensors'
+    recorded ones, must give the file's."""
+    damaged = _copy(tp2, tmp_path, "damaged")
+    path = os.path.join(damaged, _manifest(damaged)["files"][1]["path"])
+    with open(path, "rb") as file:
+        data = file.read()
+    assert data.count(b'"epoch') == 1
+    at = data.index(b"3", data.index(b'"epoch'))  # the saved epoch, 3, in TP rank 1's state structure
+    with open(path, "wb") as file:
+        file.write(data[:at] + b"4" + data[at + 1:])
+    assert pools.run(2, 2, _case_load_epoch, tp2) == [3, 3]
+    for (error_type, message), changed in pools.run(2, 2, _case_load_unchanged_on_every_rank, damaged):
+        assert changed == []
+        assert error_type == "CheckpointCorruptError" and "tp_rank_01" in message and "header" in message, message
 
 
 def test_shard_files_swapped_with_their_checksums_are_refused(tp2, tmp_path):

@@ -418,7 +418,7 @@ def _write_file(output_dir: str, view: _View, save_id: str) -> dict:
         tensors[_master_name(index)] = master
     name = file_name(view.tp_rank, view.dp_rank, save_id)
     final = os.path.join(output_dir, name)
-    crc, size = write_aside(final, lambda aside: write_safetensors(aside, _storable(tensors), {"format": "pt"}))
+    crc, size, _ = write_aside(final, lambda aside: write_safetensors(aside, _storable(tensors), {"format": "pt"}))
     publish(final + ".tmp", final)
     return {"path": name, "bytes": size, "crc32": crc, "tp_rank": view.tp_rank, "dp_rank": view.dp_rank,
             "ranges": [list(r) for r in view.ranges()], "state": entries, "masters": view.master_dtype()}

@@ -10,7 +10,10 @@ holds the only copy; `file_holding` says where any rank finds a tensor; format
 version 2, version 1 files hold every tensor). Its safetensors metadata holds the
 rank's whole state structure as JSON (see `state_tree`), the TP rank and the
 `save_id` it was written for, so a file copied into another rank's place or from
-another save is refused even with a matching checksum. Every save writes files
+another save is refused even with a matching checksum. The manifest records each
+file's crc32 and (version 3) each of its tensors' crc32s: a load verifies the
+header of each file it reads and the tensors it reads (`verify_tensors`), not
+whole files it needs a few tensors of; `verify_file` checks every byte. Every save writes files
 under a fresh `save_id`, so the files of the previous checkpoint stay intact
 until the new manifest replaces the old one; only then are they removed.
 
@@ -29,11 +32,11 @@ import os
 import re
 import stat
 import struct
-import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
+from zlib_ng.zlib_ng import crc32, crc32_combine
 
 from ..durable import replace_with_text
 from ..errors import (
@@ -116,11 +119,13 @@ class TensorEntry:
 
 @dataclass
 class FileEntry:
-    """A shard file: its path relative to the checkpoint folder, size and checksum."""
+    """A shard file: its path relative to the checkpoint folder, size and checksum; `tensor_crc32` (version 3,
+    written only when set): name -> crc32 of each tensor's bytes in the file."""
 
     path: str
     bytes: int
     crc32: str
+    tensor_crc32: dict[str, str] | None = None
 
 
 @dataclass
@@ -138,12 +143,14 @@ class Manifest:
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
-        raw = asdict(self)
-        for entry in raw["tensors"].values():
-            for optional in ("parts", "file"):
-                if entry[optional] is None:
-                    del entry[optional]  # plain tensors keep the manifest that readers without them know
-        return json.dumps(raw, indent=1)
+        raw = {
+            "tensor_parallel_size": self.tensor_parallel_size, "save_id": self.save_id, "model_key": self.model_key,
+            "files": [_without_unset(vars(entry), ("tensor_crc32",)) for entry in self.files],
+            # plain tensors keep the entry that readers without parts or file know
+            "tensors": {name: _without_unset(vars(entry), ("parts", "file")) for name, entry in self.tensors.items()},
+            "format": self.format, "version": self.version, "checksum": self.checksum, "extra": self.extra,
+        }
+        return json.dumps(raw, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
@@ -156,6 +163,11 @@ class Manifest:
         raw["files"] = [FileEntry(**entry) for entry in raw["files"]]
         raw["tensors"] = {name: TensorEntry(**entry) for name, entry in raw["tensors"].items()}
         return cls(**raw)
+
+
+def _without_unset(fields: dict, optional: tuple[str, ...]) -> dict:
+    """`fields` without the `optional` ones that are None."""
+    return {key: value for key, value in fields.items() if value is not None or key not in optional}
 
 
 def file_holding(entry: TensorEntry, tp_rank: int) -> int:
@@ -179,11 +191,27 @@ def checksum_file(path: str, progress: Callable[[int], object] | None = None, li
             count = file.readinto(buffer[:wanted])
             if not count:
                 break
-            crc = zlib.crc32(buffer[:count], crc)
+            crc = crc32(buffer[:count], crc)
             size += count
             if progress is not None:
                 progress(count)
     return f"{crc:08x}", size
+
+
+def _checksum_range(fd: int, offset: int, length: int, buffer: memoryview, path: str,
+                    progress: Callable[[int], object] | None = None) -> int:
+    """crc32 of `length` bytes of the open file from `offset`, read through `buffer`; CheckpointCorruptError if the
+    file ends first."""
+    crc, end = 0, offset + length
+    while offset < end:
+        count = os.preadv(fd, [buffer[:min(len(buffer), end - offset)]], offset)
+        if not count:
+            raise CheckpointCorruptError(f"{path} ended while checking it: it changed after it was checked; load again.")
+        crc = crc32(buffer[:count], crc)
+        offset += count
+        if progress is not None:
+            progress(count)
+    return crc
 
 
 def remove_shard_file(save_dir: str, tp_rank: int, save_id: str) -> None:
@@ -198,8 +226,8 @@ def remove_shard_file(save_dir: str, tp_rank: int, save_id: str) -> None:
 def write_shard_file(save_dir: str, tp_rank: int, save_id: str, tensors: dict[str, torch.Tensor], structure) -> FileEntry:
     """Write a rank's tensors and structure aside, fsync, rename into place; return its manifest entry.
 
-    `tensors` must be CPU and contiguous. The checksum is computed from them while
-    the file is written (`checkpoint_storage.write_safetensors`), instead of reading
+    `tensors` must be CPU and contiguous. The checksums (the file's and each tensor's)
+    are computed from them while the file is written (`checkpoint_storage.write_safetensors`), instead of reading
     the file back.
     """
     relative = shard_file_path(tp_rank, save_id)
@@ -211,9 +239,9 @@ def write_shard_file(save_dir: str, tp_rank: int, save_id: str, tensors: dict[st
         TP_RANK_KEY: str(tp_rank),
         SAVE_ID_KEY: save_id,
     }
-    crc, size = write_aside(final, lambda aside: write_safetensors(aside, tensors, metadata))
+    crc, size, tensor_crcs = write_aside(final, lambda aside: write_safetensors(aside, tensors, metadata))
     publish(final + ".tmp", final)
-    return FileEntry(path=relative, bytes=size, crc32=crc)
+    return FileEntry(path=relative, bytes=size, crc32=crc, tensor_crc32=tensor_crcs)
 
 
 def write_manifest(save_dir: str, manifest: Manifest) -> None:
@@ -299,25 +327,94 @@ def shard_path(load_dir: str, entry: FileEntry) -> str:
 
 
 def verify_file(load_dir: str, entry: FileEntry, progress: Callable[[int], object] | None = None) -> None:
-    """Raise CheckpointCorruptError unless the file's size and checksum match its manifest entry."""
+    """Raise CheckpointCorruptError unless the file's size and checksum (and each tensor's, where the manifest
+    records them) match its manifest entry: every byte of the file is checked."""
     path = shard_path(load_dir, entry)
-    crc, size = checksum_file(path, progress, limit=entry.bytes)
-    if (crc, size) != (entry.crc32, entry.bytes):
-        raise CheckpointCorruptError(
-            f"{path} does not match the manifest (crc32 {crc} vs {entry.crc32}, {size} vs {entry.bytes} bytes): "
-            "the file was damaged or changed after saving; restore it from a copy or load an earlier checkpoint."
-        )
+    if entry.tensor_crc32 is None:
+        crc, size = checksum_file(path, progress, limit=entry.bytes)
+        if (crc, size) != (entry.crc32, entry.bytes):
+            raise _mismatch(path, f"crc32 {crc} vs {entry.crc32}, {size} vs {entry.bytes} bytes")
+        return
+    crc, tensor_crcs = checksum_tensors(path, entry.bytes, progress)
+    if tensor_crcs != entry.tensor_crc32:
+        differ = sorted(set(tensor_crcs.items()) ^ set(entry.tensor_crc32.items()))[0][0]
+        raise _mismatch(path, f"tensor {differ!r:.100}: crc32 {tensor_crcs.get(differ)} in the file, "
+                        f"{entry.tensor_crc32.get(differ)} saved")
+    if crc != entry.crc32:
+        raise _mismatch(path, f"crc32 {crc} vs {entry.crc32}")
+
+
+def checksum_tensors(path: str, size: int | None = None, progress: Callable[[int], object] | None = None,
+                     ) -> tuple[str, dict[str, str]]:
+    """(crc32 of the file, name -> crc32 of each tensor's bytes), 8 hex digits each, of the safetensors file at
+    `path` (of `size` bytes, default its size on disk) in one pass; CheckpointCorruptError if its header is
+    malformed. `progress(n)` after each chunk."""
+    size = os.path.getsize(path) if size is None else size
+    try:
+        header, data_bytes, crc = _read_header(path, size)
+        header.pop("__metadata__", None)
+        tensors, begins = _check_header_tensors(header, data_bytes)
+    except (ValueError, RecursionError) as error:
+        raise _corrupt(path, str(error) or "nested too deeply") from None
+    shard = ShardFile(path, None, frozenset(tensors), _spans(tensors, begins, size - data_bytes))
+    if progress is not None:
+        progress(size - data_bytes)
+    tensor_crcs, buffer = {}, memoryview(bytearray(_CHECKSUM_CHUNK_BYTES))
+    with open(path, "rb", buffering=0) as file:
+        for name in sorted(tensors, key=begins.get):
+            offset, nbytes = shard.byte_span(name)
+            tensor_crc = _checksum_range(file.fileno(), offset, nbytes, buffer, path, progress)
+            tensor_crcs[name] = f"{tensor_crc:08x}"
+            crc = crc32_combine(crc, tensor_crc, nbytes)
+    return f"{crc:08x}", tensor_crcs
+
+
+def verify_tensors(shard: ShardFile, entry: FileEntry, names, progress: Callable[[int], object] | None = None) -> None:
+    """Raise CheckpointCorruptError unless the header of `shard` (a file of a version-3 checkpoint, `entry` its
+    manifest entry) and its tensors `names` match the manifest's checksums: the header's crc32 combined with the
+    recorded crc32 of every tensor must give the file's, and each of `names` must have its own. Reads only the
+    bytes of `names`."""
+    path, spans = shard.path, {name: shard.byte_span(name) for name in shard.spans}
+    if set(entry.tensor_crc32) != set(spans):
+        odd = sorted(set(entry.tensor_crc32) ^ set(spans))[:10]
+        raise _corrupt(path, f"its tensors and the tensors the manifest has checksums of differ in {odd}")
+    crc = shard.header_crc32
+    for name, (_, nbytes) in sorted(spans.items(), key=lambda item: item[1][0]):
+        crc = crc32_combine(crc, int(entry.tensor_crc32[name], 16), nbytes)
+    if f"{crc:08x}" != entry.crc32:
+        raise _mismatch(path, f"its header and the tensors' recorded crc32s do not give the file's, {entry.crc32}")
+    buffer = memoryview(bytearray(_CHECKSUM_CHUNK_BYTES))
+    with open(path, "rb", buffering=0) as file:
+        for name in sorted(set(names), key=lambda name: spans[name][0]):
+            offset, nbytes = spans[name]
+            found = f"{_checksum_range(file.fileno(), offset, nbytes, buffer, path, progress):08x}"
+            if found != entry.tensor_crc32[name]:
+                raise _mismatch(path, f"tensor {name!r:.100} has crc32 {found} but {entry.tensor_crc32[name]} was saved")
+
+
+def _mismatch(path: str, problem: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"{path} does not match the manifest ({problem}): the file was damaged or changed after saving; restore it "
+        "from a copy or load an earlier checkpoint."
+    )
 
 
 @dataclass
 class ShardFile:
-    """A shard file whose header agrees with the manifest: its path, state structure, tensor names, and where
-    each tensor's bytes lie (`spans`: name -> (torch dtype, shape, byte offset in the file))."""
+    """A shard file whose header agrees with the manifest: its path, state structure, tensor names, where
+    each tensor's bytes lie (`spans`: name -> (torch dtype, shape, byte offset in the file)), and the crc32 of
+    the bytes before them (the length and JSON header)."""
 
     path: str
     structure: object
     names: frozenset[str]
     spans: dict[str, tuple[torch.dtype, list[int], int]] = field(default_factory=dict)
+    header_crc32: int = 0
+
+    def byte_span(self, name: str) -> tuple[int, int]:
+        """(offset in the file, length) of tensor `name`'s bytes."""
+        dtype, shape, offset = self.spans[name]
+        return offset, math.prod(shape) * dtype.itemsize
 
 
 def _local_shape(entry: TensorEntry, tp_size: int) -> list[int]:
@@ -328,8 +425,9 @@ def _local_shape(entry: TensorEntry, tp_size: int) -> list[int]:
     return shape
 
 
-def _read_header(path: str, size: int) -> tuple[dict, int]:
-    """(JSON header, bytes of tensor data) of the safetensors file at `path` (`size` bytes), read no further than the header."""
+def _read_header(path: str, size: int) -> tuple[dict, int, int]:
+    """(JSON header, bytes of tensor data, crc32 of the bytes up to them) of the safetensors file at `path` (`size`
+    bytes), read no further than the header."""
     with open(path, "rb") as file:
         prefix = file.read(8)
         if len(prefix) < 8:
@@ -341,7 +439,7 @@ def _read_header(path: str, size: int) -> tuple[dict, int]:
     header = json.loads(text)
     if not isinstance(header, dict):
         raise ValueError("its header is not a JSON object")
-    return header, size - 8 - header_bytes
+    return header, size - 8 - header_bytes, crc32(text, crc32(prefix))
 
 
 def _check_header_tensors(header: dict, data_bytes: int) -> tuple[dict[str, tuple[str, list[int]]], dict[str, int]]:
@@ -382,12 +480,12 @@ def check_shard_file(load_dir: str, manifest: Manifest, tp_rank: int) -> ShardFi
     tensors are exactly those its structure names (but those written once into another
     rank's file: `file_holding`), each (but per-rank `local` ones)
     with the manifest's dtype and this rank's shape. Reads only the header (no
-    checksum: see `verify_file`).
+    checksum: see `verify_tensors` and `verify_file`).
     """
     entry = manifest.files[tp_rank]
     path = shard_path(load_dir, entry)
     try:
-        header, data_bytes = _read_header(path, entry.bytes)
+        header, data_bytes, header_crc = _read_header(path, entry.bytes)
         metadata = header.pop("__metadata__", None)
         if not isinstance(metadata, dict) or not isinstance(metadata.get(STRUCTURE_KEY), str):
             raise ValueError("its metadata holds no state structure")
@@ -420,10 +518,13 @@ def check_shard_file(load_dir: str, manifest: Manifest, tp_rank: int) -> ShardFi
                 path, f"{name!r:.100} is {tensors[name][1]} {tensors[name][0]} in the file but the manifest implies "
                 f"{expected[1]} {expected[0]} for TP rank {tp_rank} of {manifest.tensor_parallel_size}"
             )
-    data_start = entry.bytes - data_bytes
+    return ShardFile(path, structure, frozenset(names), _spans(tensors, begins, entry.bytes - data_bytes), header_crc)
+
+
+def _spans(tensors: dict[str, tuple[str, list[int]]], begins: dict[str, int], data_start: int) -> dict:
+    """`ShardFile.spans` from what `_check_header_tensors` returns and where the data area starts."""
     torch_dtypes = {code: getattr(torch, name) for name, (code, _) in SAFETENSORS_DTYPES.items()}
-    spans = {name: (torch_dtypes[dtype], shape, data_start + begins[name]) for name, (dtype, shape) in tensors.items()}
-    return ShardFile(path, structure, frozenset(names), spans)
+    return {name: (torch_dtypes[dtype], shape, data_start + begins[name]) for name, (dtype, shape) in tensors.items()}
 
 
 def _corrupt(path: str, problem: str) -> CheckpointCorruptError:

@@ -532,28 +532,19 @@ def _load_sharded(load_dir, model, model_key, strict, verify, placement, load_xs
         checkpoint = UpstreamCheckpoint(load_dir, load_xser)
         layouts = model_layouts(model) if model is not None else {}
         source = UpstreamSource(checkpoint, model_key, layouts, placement.tp_rank, placement.tp_size)
-        return _sharded_read_phase(source, source.tree, model, model_key, strict, placement, lambda entry: None)
+        return _sharded_read_phase(source, source.tree, model, model_key, strict, placement, verify=False)  # no checksums
     if load_xser:
         raise CheckpointArgumentError(
             f"load_xser=True reads upstream NeuronxDistributed's xser layout, but {load_dir!r} holds none; leave "
             "load_xser out (the layout is detected)."
         )
-    manifest = fmt.read_manifest(load_dir)
-    structure_file = manifest.files[ShardedSource.source_rank_for(placement.tp_rank, manifest)]
-    if verify:
-        fmt.verify_file(load_dir, structure_file)
-    source = ShardedSource(load_dir, manifest, placement.tp_rank, placement.tp_size)
-
-    def verify_read(entry):
-        if verify and entry != structure_file:
-            fmt.verify_file(load_dir, entry)
-
-    return _sharded_read_phase(source, decode(source.structure, TensorRef), model, model_key, strict, placement, verify_read)
+    source = ShardedSource(load_dir, fmt.read_manifest(load_dir), placement.tp_rank, placement.tp_size)
+    return _sharded_read_phase(source, decode(source.structure, TensorRef), model, model_key, strict, placement, verify)
 
 
-def _sharded_read_phase(source: ShardedSource, tree, model, model_key, strict, placement, verify_read):
-    """Check the load of `tree` (this rank's state, `TensorRef`s read from `source`); return (its read phase,
-    whether that returns tensors beyond the model). `verify_read(file entry)` checks each file read."""
+def _sharded_read_phase(source: ShardedSource, tree, model, model_key, strict, placement, verify: bool):
+    """Check the load of `tree` (this rank's state, `TensorRef`s read from `source`), with the checksums of what it
+    reads if `verify`; return (its read phase, whether that returns tensors beyond the model)."""
     load_dir, manifest = source.load_dir, source.manifest
     targets, sources, rest, layouts = None, {}, tree, {}
     if model is not None:
@@ -578,8 +569,8 @@ def _sharded_read_phase(source: ShardedSource, tree, model, model_key, strict, p
         rest = {key: value for key, value in tree.items() if key != model_key} if model_tree is not tree else {}
     rest_names = _refs(rest)
     source.check_loadable(rest_names)
-    for entry in source.files_read([*sources.values(), *rest_names]):
-        verify_read(entry)
+    if verify:
+        source.verify([*sources.values(), *rest_names], layouts)
 
     def read_phase():
         if targets is not None:

@@ -14,7 +14,9 @@ import re
 from ..errors import CheckpointCorruptError
 
 FORMAT_NAME = "neuronx_distributed.checkpoint"
-FORMAT_VERSION = 2  # 2: replicated tensors may be written once (`file`); 1: every file holds every tensor
+# 3: each file entry records each tensor's crc32 (`tensor_crc32`), so a load verifies only what it reads;
+# 2: replicated tensors may be written once (`file`); 1: every file holds every tensor.
+FORMAT_VERSION = 3
 CHECKSUM = "crc32"
 
 # Layouts of a tensor across the TP ranks of a checkpoint.
@@ -35,6 +37,7 @@ _SAVE_ID = re.compile(r"^[0-9a-f]{1,64}$")
 _CRC32 = re.compile(r"^[0-9a-f]{8}$")
 _TOP_LEVEL = {"tensor_parallel_size", "save_id", "model_key", "files", "tensors", "format", "version", "checksum", "extra"}
 _FILE_FIELDS = {"path", "bytes", "crc32"}
+_TENSOR_CHECKSUMS = "tensor_crc32"  # name -> crc32 of the tensor's bytes in the file (version 3)
 _TENSOR_FIELDS = {"shape", "dtype", "layout", "partition_dim", "partition_stride"}
 _PART_FIELDS = {"size", "replication", "block"}
 _MAX_RANK = 64  # dimensions of a tensor
@@ -79,15 +82,25 @@ def _fields(value, where: str, required: set[str], optional: set[str] = frozense
     return value
 
 
-def _check_file(entry, rank: int, save_id: str) -> None:
+def _check_crc32(value, where: str) -> None:
+    if not isinstance(value, str) or not _CRC32.match(value):
+        _fail(where, f"is {value!r:.80}, not 8 lowercase hex digits")
+
+
+def _check_file(entry, rank: int, save_id: str, version: int) -> None:
     where = f"files[{rank}]"
-    _fields(entry, where, _FILE_FIELDS)
+    _fields(entry, where, (_FILE_FIELDS | {_TENSOR_CHECKSUMS}) if version >= 3 else _FILE_FIELDS)
     if entry["path"] != shard_file_path(rank, save_id):
         _fail(f"{where}.path", f"is {entry['path']!r:.200}, not {shard_file_path(rank, save_id)!r} (the only name a save "
               "writes for that rank: relative, inside the checkpoint folder)")
     _int_field(entry["bytes"], f"{where}.bytes", 8)
-    if not isinstance(entry["crc32"], str) or not _CRC32.match(entry["crc32"]):
-        _fail(f"{where}.crc32", f"is {entry['crc32']!r:.80}, not 8 lowercase hex digits")
+    _check_crc32(entry["crc32"], f"{where}.crc32")
+    if version >= 3:
+        checksums = entry[_TENSOR_CHECKSUMS]
+        if not isinstance(checksums, dict):
+            _fail(f"{where}.{_TENSOR_CHECKSUMS}", f"is a {type(checksums).__name__}, not an object")
+        for name, crc in checksums.items():
+            _check_crc32(crc, f"{where}.{_TENSOR_CHECKSUMS}[{name!r:.200}]")
 
 
 def _check_tensor(name: str, entry, tp_size: int, version: int) -> None:
@@ -160,7 +173,7 @@ def check_manifest(raw) -> None:
         count = len(files) if isinstance(files, list) else type(files).__name__
         _fail("files", f"has {count} entries, not one per TP rank ({tp_size})")
     for rank, entry in enumerate(files):
-        _check_file(entry, rank, raw["save_id"])
+        _check_file(entry, rank, raw["save_id"], raw["version"])
     if not isinstance(raw["tensors"], dict):
         _fail("tensors", f"is a {type(raw['tensors']).__name__}, not an object")
     for name, entry in raw["tensors"].items():

@@ -6,9 +6,10 @@ or in a `Target` layout that the model's parameter declares; replicated and
 per-rank values, and the state structure, come from the source rank with the
 target's index when there is one, else from TP rank 0. Every shard file is
 checked against the manifest (`checkpoint_format.check_shard_file`) before it is
-read, at the offsets that check validated: `read_into` reads a piece that is one
-run of the file's bytes straight into the caller's tensor (preadv) and copies a
-strided one from the memory-mapped file; `read` allocates the tensor and does the same.
+read, at the offsets that check validated, and `verify` checks the checksums of
+just what a load will read: `read_into` reads a piece that is one run of the
+file's bytes straight into the caller's tensor (preadv) and copies a strided one
+from the memory-mapped file; `read` allocates the tensor and does the same.
 """
 
 from __future__ import annotations
@@ -121,9 +122,22 @@ class ShardedSource:
             ranks = set(range(self.source_world))
         return sorted(ranks)
 
-    def files_read(self, names) -> list[fmt.FileEntry]:
-        """The shard files that reading `names` touches."""
-        return [self.manifest.files[rank] for rank in self._ranks_read(names)]
+    def verify(self, names, targets: dict[str, Target] | None = None) -> None:
+        """Raise CheckpointCorruptError unless what reading `names` (in their `targets` layouts) reads matches the
+        manifest's checksums: in a version-3 checkpoint the header of each file read (this rank's structure's
+        included) and each tensor read from it, whole; in older ones each file read, whole."""
+        targets, read = targets or {}, {self.source_rank: set()}
+        for name in names:
+            dim, pieces = self.pieces(name, targets.get(name))
+            for source, start, stop in pieces:
+                if dim is None or stop > start:
+                    read.setdefault(source, set()).add(name)
+        for source, tensors in sorted(read.items()):
+            entry = self.manifest.files[source]
+            if entry.tensor_crc32 is None:
+                fmt.verify_file(self.load_dir, entry)
+            else:
+                fmt.verify_tensors(self.check_file(source), entry, tensors)
 
     def read(self, name: str, target: Target | None = None) -> torch.Tensor:
         """This rank's tensor `name` (in `target`'s layout when given), cut from the source shards: a new tensor."""
