@@ -22,10 +22,10 @@ written before it is agreed.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 
 import torch
+from zlib_ng.zlib_ng import crc32
 
 from ..errors import CheckpointSaveError, ReplicatedMismatchError
 from . import checkpoint_format as fmt
@@ -33,7 +33,7 @@ from . import checkpoint_format as fmt
 
 def fingerprint(tensor: torch.Tensor) -> str:
     """crc32 of a CPU tensor's bytes in row-major order, as 8 hex digits."""
-    return f"{zlib.crc32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()):08x}"
+    return f"{crc32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()):08x}"
 
 
 @dataclass
