@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -522,6 +524,115 @@ def test_merge_over_an_earlier_merge(saved, tmp_path, monkeypatch):
 
     assert checkpoint_tools.merge(saved[4], out) == ["model.safetensors"]
     assert os.listdir(out) == ["model.safetensors"]
+
+
+def _every_layout() -> dict[str, tuple[torch.Tensor, int | None, int, tuple]]:
+    """name -> (full tensor, partition dim or None when replicated, stride, parts): each way merge reads a tensor.
+
+    "kv_rows.weight" is made of parts along dim 1 whose second stores its one block twice (GQA's replicated KV
+    heads), so each TP=2 rank holds a copy and the merge reads only rank 0's.
+    """
+    from neuronx_distributed.parallel_layers.resharding import Part
+
+    generator = torch.Generator().manual_seed(SEED)
+
+    def values(*shape, dtype=torch.float32):
+        return torch.randn(shape, generator=generator).to(dtype)
+
+    return {
+        "column.weight": (values(12, 6), 0, 1, ()),
+        "fused_qkv.weight": (values(12, 6), 0, 3, ()),
+        "row.weight": (values(6, 40), 1, 1, ()),  # a row wider than the small merge buffer below
+        "row_strided.weight": (values(600, 8), 1, 2, ()),  # rows in two pieces per rank: > IOV_MAX views a block
+        "conv.weight": (values(3, 8, 5, dtype=torch.bfloat16), 1, 2, ()),
+        "last_dim.weight": (values(2, 3, 8), 2, 1, ()),
+        "kv_rows.weight": (values(3, 10), 1, 1, (Part(8), Part(4, replication=2, block=2))),
+        "norm.weight": (values(7), None, 1, ()),
+        "empty": (values(0, 4), None, 1, ()),
+        "steps": (torch.arange(5), None, 1, ()),
+    }
+
+
+def _stored_shard(full: torch.Tensor, dim: int, stride: int, parts: tuple, rank: int, size: int) -> torch.Tensor:
+    """TP rank `rank`'s shard of `full` as a TP layer stores it: its slice of each stride block, or of each part
+    with the part's blocks stored `replication` times."""
+    if not parts:
+        return expected_shard(full, SimpleNamespace(tensor_model_parallel=True, partition_dim=dim,
+                                                    partition_stride=stride), rank, size).clone()
+    pieces, at = [], 0
+    for part in parts:
+        logical = full.narrow(dim, at, part.logical_size)
+        stored = torch.cat([block for block in logical.split(part.block, dim) for _ in range(part.replication)], dim)
+        pieces.append(stored.chunk(size, dim)[rank])
+        at += part.logical_size
+    return torch.cat(pieces, dim)
+
+
+def _case_save_every_layout(save_dir: str) -> None:
+    from neuronx_distributed.parallel_layers.resharding import set_partition_parts
+    from neuronx_distributed.parallel_layers.utils import set_tensor_model_parallel_attributes
+
+    rank, size = _tp()
+    state = {}
+    for name, (full, dim, stride, parts) in _every_layout().items():
+        if dim is None:
+            state[name] = full
+            continue
+        state[name] = _stored_shard(full, dim, stride, parts, rank, size)
+        set_tensor_model_parallel_attributes(state[name], True, dim, stride)
+        if parts:
+            set_partition_parts(state[name], parts)
+    save({"model": state}, save_dir)
+
+
+def test_merge_writes_every_layout_bit_for_bit(pools, tmp_path, monkeypatch):
+    """Column-, row-parallel, strided (fused QKV), 3-D, replicated-block (GQA KV) and replicated tensors of three
+    dtypes merge into exactly the full tensors, with merge's buffer as it is and smaller than one row; a flipped
+    byte in a shard is refused, and the earlier merge stays."""
+    from neuronx_distributed.parallel_layers import checkpoint_tools
+
+    save_dir, out = str(tmp_path / "every_layout"), str(tmp_path / "merged")
+    pools.run(2, 2, _case_save_every_layout, save_dir)
+    expected = {name: full for name, (full, *_) in _every_layout().items()}
+    for buffer_bytes in (checkpoint_tools._BUFFER_BYTES, 64):
+        monkeypatch.setattr(checkpoint_tools, "_BUFFER_BYTES", buffer_bytes)
+        assert checkpoint_tools.merge(save_dir, out) == ["model.safetensors"]
+        merged = load_file(os.path.join(out, "model.safetensors"))
+        assert merged.keys() == expected.keys()
+        for name, full in expected.items():
+            assert merged[name].dtype == full.dtype and torch.equal(merged[name], full), (name, buffer_bytes)
+    earlier = (tmp_path / "merged" / "model.safetensors").read_bytes()
+
+    shard = next((tmp_path / "every_layout" / "tp_rank_01").iterdir())
+    data = bytearray(shard.read_bytes())
+    (header_bytes,) = struct.unpack("<Q", data[:8])
+    begin, end = json.loads(data[8:8 + header_bytes])["model/row_strided.weight"]["data_offsets"]
+    data[8 + header_bytes + (begin + end) // 2] ^= 0x10
+    shard.write_bytes(data)
+    with pytest.raises(CheckpointCorruptError, match="tp_rank_01"):
+        checkpoint_tools.merge(save_dir, out)
+    assert os.listdir(out) == ["model.safetensors"]
+    assert (tmp_path / "merged" / "model.safetensors").read_bytes() == earlier
+
+
+def test_merge_reads_through_short_reads_and_refuses_a_shard_file_that_ends_early(tmp_path, monkeypatch):
+    """merge's reads fill every view in order even when each read returns only part of what was asked (as on a
+    network filesystem), and raise, instead of looping on empty reads, on a shard file that shrank after it was
+    checked."""
+    from neuronx_distributed.parallel_layers import checkpoint_tools
+
+    (tmp_path / "short").write_bytes(bytes(range(10)))
+    preadv = os.preadv
+    monkeypatch.setattr(checkpoint_tools.os, "preadv", lambda fd, views, offset: preadv(fd, [views[0][:2]], offset))
+    views = [memoryview(bytearray(size)) for size in (3, 4, 3)]
+    with open(tmp_path / "short", "rb", buffering=0) as file:
+        checkpoint_tools._read_exactly(file, views, 0)
+        assert b"".join(map(bytes, views)) == bytes(range(10))
+        monkeypatch.undo()
+        first, second = memoryview(bytearray(6)), memoryview(bytearray(6))
+        with pytest.raises(CheckpointCorruptError, match="ended"):
+            checkpoint_tools._read_exactly(file, [first, second], 0)
+    assert bytes(first) == bytes(range(6)) and bytes(second[:4]) == bytes(range(6, 10))
 
 
 def test_reshard_inspect(saved, tmp_path, capsys):

@@ -44,7 +44,8 @@ from .sharded_source import ShardedSource, Target, check_entry_divisible
 from .state_tree import TensorRef, decode
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-_WRITE_BUFFER_BYTES = 64 * 1024**2
+_BUFFER_BYTES = 8 * 1024**2  # merge reads shard bytes into it and writes it when full
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
 _MERGED_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.tmp)?$|^model\.safetensors\.index\.json(\.tmp)?$")
 _CHECKPOINT_ENTRY = re.compile(r"^manifest\.json(\.[0-9a-f]+\.tmp)?$|^tp_rank_\d+$")
 
@@ -262,13 +263,12 @@ def _merge_checked(load_dir, out_dir, manifest, model_key, max_shard_bytes, prog
 
 def _write_merged(path: str, source: ShardedSource, tensors: list[tuple[str, str]], bar) -> None:
     """Write `tensors` ((state-dict key, checkpoint tensor name) pairs) as the safetensors file `path`, in one
-    pass: the header from the manifest, then each logical tensor's bytes streamed from the mapped shard files,
-    the disk starting on each tensor once it is written (`checkpoint_storage.start_writeback`).
+    pass: the header from the manifest, then each logical tensor's bytes, the disk starting on each tensor once it
+    is written (`checkpoint_storage.start_writeback`).
 
-    No merged tensor is built in memory: a concatenation of contiguous pieces (partition dim 0, replicated
-    tensors) is written piece by piece straight from the mapped files; one along a later dim is interleaved
-    through a reused buffer of at most `_WRITE_BUFFER_BYTES`. Tensors are ordered by item size (largest first,
-    as safetensors does), so each starts aligned to its item size.
+    No merged tensor is built in memory: the shard files' bytes are read (`preadv`) straight into their places
+    in one reused buffer (`_merged_chunks`), which is written out each time it is full. Tensors are ordered by
+    item size (largest first, as safetensors does), so each starts aligned to its item size.
     """
     entries = [(key, name, source.manifest.tensors[name]) for key, name in tensors]
     entries.sort(key=lambda item: -getattr(torch, item[2].dtype).itemsize)
@@ -279,44 +279,86 @@ def _write_merged(path: str, source: ShardedSource, tensors: list[tuple[str, str
         offset += entry.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # tensor data starts 8-byte aligned
-    buffer = torch.empty(0, dtype=torch.uint8)
-    with open(path, "wb", buffering=0) as file:
+    buffer = memoryview(bytearray(_BUFFER_BYTES))
+    with open(path, "wb", buffering=0) as file, contextlib.ExitStack() as shard_files:
+        opened = {}
+
+        def read(rank: int, views: list[memoryview], offset: int) -> None:
+            if rank not in opened:
+                opened[rank] = shard_files.enter_context(open(source.check_file(rank).path, "rb", buffering=0))
+            _read_exactly(opened[rank], views, offset)
+
         _write_all(file, struct.pack("<Q", len(text)) + text)
-        for key, name, entry in entries:
+        for _, name, entry in entries:
             begin = file.tell()
-            target = Target(logical_parts(entry.row_parts()), 0, 1) if entry.layout == fmt.SHARDED else None
-            dim, pieces = source.views(name, target)
-            outer = 1 if dim is None else math.prod(pieces[0].shape[:dim])
-            if outer == 1:
-                for piece in pieces:
-                    _write_all(file, _bytes(piece.contiguous()))
-            else:
-                buffer = _write_interleaved(file, [piece.reshape(outer, -1) for piece in pieces], buffer)
-            start_writeback(file.fileno(), begin, file.tell() - begin)  # the disk writes it while the rest is copied
+            for chunk in _merged_chunks(source, name, entry, read, buffer):
+                _write_all(file, chunk)
+            start_writeback(file.fileno(), begin, file.tell() - begin)  # the disk writes it while the rest is read
             bar.update()
 
 
-def _write_interleaved(file, rows: list[torch.Tensor], buffer: torch.Tensor) -> torch.Tensor:
-    """Write the concatenation along dim 1 of the 2-D `rows` a block of rows at a time; return the buffer used."""
-    outer, width = rows[0].shape[0], sum(piece.shape[1] for piece in rows)
-    row_bytes = width * rows[0].element_size()
-    block = max(1, min(outer, _WRITE_BUFFER_BYTES // max(row_bytes, 1)))
-    if buffer.numel() < block * row_bytes:
-        buffer = torch.empty(block * row_bytes, dtype=torch.uint8)
+def _merged_chunks(source: ShardedSource, name: str, entry: fmt.TensorEntry, read, buffer: memoryview):
+    """The bytes of the model's whole tensor `name`, in order, as successive filled views of `buffer` (or of a
+    larger one, when a single row of the merged tensor does not fit); `read(rank, views, offset)` fills `views`
+    in turn from saved TP rank `rank`'s shard file at `offset`.
+
+    Each piece of the merged tensor (`ShardedSource.pieces`) is, in its shard file, `outer` rows (the product of
+    the dims before the partition dim; 1 for a whole tensor or partition dim 0) of which each holds the piece's
+    `take` bytes after `skip` others. With one row, each piece is one run of the file, read a buffer at a time;
+    with more (row-parallel weights), a block of rows at a time, each rank's row going straight to its columns in
+    the buffer (and the bytes around it, of rows a piece does not take, to a scratch buffer).
+    """
+    target = Target(logical_parts(entry.row_parts()), 0, 1) if entry.layout == fmt.SHARDED else None
+    dim, pieces = source.pieces(name, target)
+    outer, layouts = 1, []  # (saved TP rank, file offset of its tensor, bytes per row, skip, take)
+    for rank, start, stop in pieces:
+        dtype, shape, offset = source.check_file(rank).spans[name]
+        if dim is None:
+            layout = (rank, offset, 0, 0, math.prod(shape) * dtype.itemsize)
+        else:
+            outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:]) * dtype.itemsize
+            layout = (rank, offset, shape[dim] * inner, start * inner, (stop - start) * inner)
+        layouts.append(layout)
+    width = sum(take for *_, take in layouts)
+    if outer == 1:
+        for rank, offset, _, skip, take in layouts:
+            for at in range(0, take, len(buffer)):
+                chunk = buffer[:min(len(buffer), take - at)]
+                read(rank, [chunk], offset + skip + at)
+                yield chunk
+        return
+    if not width or not outer:
+        return
+    if len(buffer) < width:
+        buffer = memoryview(bytearray(width))
+    scratch = memoryview(bytearray(max(max(skip, row - skip - take) for _, _, row, skip, take in layouts)))
+    block = min(outer, len(buffer) // width)
     for first in range(0, outer, block):
-        count = min(block, outer - first)
-        out = buffer[:count * row_bytes].view(rows[0].dtype).view(count, width)
-        at = 0
-        for piece in rows:
-            out[:, at:at + piece.shape[1]].copy_(piece[first:first + count])
-            at += piece.shape[1]
-        _write_all(file, _bytes(out))
-    return buffer
+        count, column = min(block, outer - first), 0
+        for rank, offset, row, skip, take in layouts:
+            views = []
+            for at in range(column, count * width, width):
+                views += [scratch[:skip], buffer[at:at + take], scratch[:row - skip - take]]
+            read(rank, views, offset + first * row)
+            column += take
+        yield buffer[:count * width]
 
 
-def _bytes(tensor: torch.Tensor):
-    """The bytes of a contiguous CPU tensor, without a copy."""
-    return tensor.reshape(-1).view(torch.uint8).numpy()
+def _read_exactly(file, views: list[memoryview], offset: int) -> None:
+    """Fill `views` in turn with the open file's bytes from `offset` (`preadv`, at most IOV_MAX views a call);
+    CheckpointCorruptError if the file ends first."""
+    views, first = [view for view in views if len(view)], 0
+    while first < len(views):
+        count = os.preadv(file.fileno(), views[first:first + _IOV_MAX], offset)
+        if not count:
+            raise CheckpointCorruptError(f"{file.name} ended while merging it: it changed after it was checked; "
+                                         "merge again.")
+        offset += count
+        while first < len(views) and count >= len(views[first]):
+            count -= len(views[first])
+            first += 1
+        if count:
+            views[first] = views[first][count:]
 
 
 def _write_all(file, data) -> None:
