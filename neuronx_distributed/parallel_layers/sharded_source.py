@@ -9,11 +9,15 @@ checked against the manifest (`checkpoint_format.check_shard_file`) before it is
 read, at the offsets that check validated, and `verify` checks the checksums of
 just what a load will read: `read_into` reads a piece that is one run of the
 file's bytes straight into the caller's tensor (preadv) and copies a strided one
-from the memory-mapped file; `read` allocates the tensor and does the same.
+from the memory-mapped file; `read` allocates the tensor (asking for huge pages:
+a fresh tensor's 4 KiB page faults cost more than the read) and does the same.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 import mmap
 import os
@@ -143,6 +147,7 @@ class ShardedSource:
         """This rank's tensor `name` (in `target`'s layout when given), cut from the source shards: a new tensor."""
         dim, pieces = self.pieces(name, target)
         out = torch.empty(self._read_shape(name, target, dim, pieces), dtype=getattr(torch, self.manifest.tensors[name].dtype))
+        _advise_huge_pages(out)
         self.read_into(out, name, target)
         return out
 
@@ -239,6 +244,34 @@ class ShardedSource:
                 warnings.filterwarnings("ignore", "The given buffer is not writable")
                 tensor = torch.frombuffer(self._mapped[source], dtype=dtype, count=count, offset=offset).view(shape)
         return tensor if dim is None else tensor.narrow(dim, start, stop - start)
+
+
+_HUGE_PAGE_BYTES = 2 * 1024 * 1024
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise (Linux, with transparent huge pages), or None where there is none."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return function
+
+
+def _advise_huge_pages(tensor: torch.Tensor) -> None:
+    """Ask for transparent huge pages for the whole 2 MiB pages inside a new, not yet touched CPU tensor, so that
+    reading into it faults once per 2 MiB instead of once per 4 KiB. A hint: nothing changes where the system has
+    no huge pages or refuses."""
+    begin = tensor.data_ptr()
+    start = -(-begin // _HUGE_PAGE_BYTES) * _HUGE_PAGE_BYTES
+    end = (begin + tensor.numel() * tensor.element_size()) // _HUGE_PAGE_BYTES * _HUGE_PAGE_BYTES
+    madvise = _madvise()
+    if madvise is not None and tensor.device.type == "cpu" and end > start:
+        madvise(start, end - start, mmap.MADV_HUGEPAGE)
 
 
 def _pread_exactly(fd: int, buffer, offset: int, path: str) -> None:
