@@ -11,11 +11,12 @@ version 2, version 1 files hold every tensor). Its safetensors metadata holds th
 rank's whole state structure as JSON (see `state_tree`), the TP rank and the
 `save_id` it was written for, so a file copied into another rank's place or from
 another save is refused even with a matching checksum. The manifest records each
-file's crc32 and (version 3) each of its tensors' crc32s: a load verifies the
+file's crc32 and (version 3) the crc32 of each of its tensors: a load checks the
 header of each file it reads and the tensors it reads (`verify_tensors`), not
-whole files it needs a few tensors of; `verify_file` checks every byte. Every save writes files
-under a fresh `save_id`, so the files of the previous checkpoint stay intact
-until the new manifest replaces the old one; only then are they removed.
+whole files it needs a few tensors of; `verify_file` checks every byte. Every
+save writes files under a fresh `save_id`, so the files of the previous
+checkpoint stay intact until the new manifest replaces the old one; only then
+are they removed.
 
 Reading trusts nothing on disk: the manifest is checked against its schema
 (`manifest_schema`), and each shard file, before safetensors opens it, must be a
@@ -227,8 +228,8 @@ def write_shard_file(save_dir: str, tp_rank: int, save_id: str, tensors: dict[st
     """Write a rank's tensors and structure aside, fsync, rename into place; return its manifest entry.
 
     `tensors` must be CPU and contiguous. The checksums (the file's and each tensor's)
-    are computed from them while the file is written (`checkpoint_storage.write_safetensors`), instead of reading
-    the file back.
+    are computed from them while the file is written (`checkpoint_storage.write_safetensors`),
+    instead of reading the file back.
     """
     relative = shard_file_path(tp_rank, save_id)
     final = os.path.join(save_dir, relative)
