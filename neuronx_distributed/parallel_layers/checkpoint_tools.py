@@ -336,9 +336,9 @@ def _merged_chunks(source: ShardedSource, name: str, entry: fmt.TensorEntry, rea
     for first in range(0, outer, block):
         count, column = min(block, outer - first), 0
         for rank, offset, row, skip, take in layouts:
-            views = []
-            for at in range(column, count * width, width):
-                views += [scratch[:skip], buffer[at:at + take], scratch[:row - skip - take]]
+            before, after = scratch[:skip], scratch[:row - skip - take]
+            views = [view for at in range(column, count * width, width)
+                     for view in (before, buffer[at:at + take], after) if len(view)]
             read(rank, views, offset + first * row)
             column += take
         yield buffer[:count * width]
