@@ -226,18 +226,14 @@ def test_unsharded_checkpoints_load_into_sharded_model(pools, tmp_path):
 
 
 def _case_read_order(save_dir: str, model_only_dir: str, rendezvous: str):
-    """Load the whole dict with too little memory available for the ranks to hold their shards at once, timing
-    this rank's reads; then load only a model, and the whole dict with memory to spare, every rank's first read
-    of each load waiting until all ranks are reading (which never happens if they take turns). Returns the
-    timed span."""
+    """Load the whole dict, timing this rank's reads; then load only a model, every rank's first read
+    waiting until all ranks are reading (which never happens if they take turns). Returns the timed span."""
     import time
 
-    from neuronx_distributed.parallel_layers import checkpointing
     from neuronx_distributed.parallel_layers.sharded_source import ShardedSource
 
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     read, read_into, times, waited = ShardedSource.read, ShardedSource.read_into, [], []
-    available, meeting = checkpointing._available_memory, []  # the rendezvous folder of the load in progress
 
     def timed_read(self, name):
         times.append(time.monotonic())
@@ -248,39 +244,31 @@ def _case_read_order(save_dir: str, model_only_dir: str, rendezvous: str):
 
     def read_once_all_are_reading(self, out, name, target=None):
         if not waited:
-            folder = meeting[0]
-            os.makedirs(folder, exist_ok=True)
-            open(os.path.join(folder, str(rank)), "w").close()
+            open(os.path.join(rendezvous, str(rank)), "w").close()
             deadline = time.monotonic() + 20
-            while len(os.listdir(folder)) < world:
-                assert time.monotonic() < deadline, f"only ranks {sorted(os.listdir(folder))} of {world} read at once"
+            while len(os.listdir(rendezvous)) < world:
+                assert time.monotonic() < deadline, f"only ranks {sorted(os.listdir(rendezvous))} of {world} read at once"
                 time.sleep(0.01)
             waited.append(True)
         read_into(self, out, name, target)
 
     try:
         ShardedSource.read = timed_read
-        checkpointing._available_memory = lambda: 1024  # bytes: less than any rank's tensors beyond the model
         load(save_dir)
-        checkpointing._available_memory = available
         span = (times[0], times[-1])
         torch.manual_seed(SEED)
         model = Net(parallel=True)
         save(model.state_dict(), model_only_dir)
         ShardedSource.read_into = read_once_all_are_reading
-        for index, (folder, kwargs) in enumerate([(model_only_dir, {"model": model}), (save_dir, {})]):
-            meeting[:], waited[:] = [os.path.join(rendezvous, str(index))], []
-            load(folder, **kwargs)
-            assert waited, f"the load of {folder} did not read through ShardedSource.read_into"
+        load(model_only_dir, model=model)
+        assert waited, "the load into the model did not read through ShardedSource.read_into"
         return span
     finally:
         ShardedSource.read, ShardedSource.read_into = read, read_into
-        checkpointing._available_memory = available
 
 
 def test_loads_that_hold_a_shard_take_turns(pools, saved, tmp_path):
-    """A load returning tensors beyond the model reads one rank of the host at a time when together they would hold
-    more than half the host's available memory; with memory to spare, and into a model, all at once."""
+    """A load returning tensors beyond the model reads one rank of the host at a time; into a model, all at once."""
     rendezvous = tmp_path / "reading"
     rendezvous.mkdir()
     spans = sorted(pools.run(4, 2, _case_read_order, saved[2], str(tmp_path / "model_only"), str(rendezvous)))

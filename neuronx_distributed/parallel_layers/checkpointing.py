@@ -14,9 +14,8 @@ it read, and every cross-rank step after that is decided from values that all
 ranks agreed on. Into a model, tensors are read and copied one at a time (peak memory: the
 model plus one tensor), every rank at once. A load that returns tensors beyond
 the model (optimizer state, or the whole dict without a model) holds up to a
-full shard: where the ranks of a host together would hold more than half the
-memory it has available, they take turns, one at a time, so that no two of them
-hold a shard beyond their model at once (`_load_turns`).
+full shard, so there the ranks of each host take turns, one at a time: no two
+processes on a host hold a shard beyond their model at once.
 
 Sharding of the saved tensors: model tensors are sharded as the attributes
 that the parallel layers put on their `state_dict()` entries say. Optimizer state (torch layout:
@@ -483,35 +482,12 @@ def _host_turns(placement: Placement) -> tuple[int, int]:
     return [rank for rank, host in enumerate(hosts) if host == hosts[me]].index(me), max(Counter(hosts).values())
 
 
-def _available_memory() -> int:
-    """Bytes of memory available on this host (Linux's MemAvailable); 0 where unknown."""
-    try:
-        with open("/proc/meminfo") as file:
-            for line in file:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+def _in_turns(placement: Placement, work, take_turns: bool, path: str) -> object:
+    """Run `work()` on every rank (each host's ranks one at a time if `take_turns`); raise everywhere if it failed anywhere.
 
-
-def _load_turns(placement: Placement, reports: list[tuple[str, int, int]]) -> tuple[int, int]:
-    """(this rank's turn, number of turns) of a load's read phase, from every rank's (host, bytes it will hold
-    beyond the model, memory available): all at once where, on every host, what its ranks hold fits in half the
-    memory that host has available (the least any of them saw); else each host's ranks in turn, in rank order."""
-    hosts: dict[str, list[tuple[int, int, int]]] = {}
-    for rank, (host, held, available) in enumerate(reports):
-        hosts.setdefault(host, []).append((rank, held, available))
-    if all(sum(held for _, held, _ in ranks) <= min(available for *_, available in ranks) // 2 for ranks in hosts.values()):
-        return 0, 1
-    me = dist.get_rank() if placement.distributed else 0
-    return [rank for rank, *_ in hosts[reports[me][0]]].index(me), max(len(ranks) for ranks in hosts.values())
-
-
-def _in_turns(placement: Placement, work, turns: tuple[int, int], path: str) -> object:
-    """Run `work()` on every rank, in `turns` (this rank's turn, number of turns: the same on every rank); raise
-    everywhere if it failed anywhere."""
-    my_turn, turns = turns
+    `take_turns` must be the same on every rank: it decides which collectives follow.
+    """
+    my_turn, turns = _host_turns(placement) if take_turns else (0, 1)
     result = None
     for turn in range(turns):
         error = None
@@ -550,8 +526,8 @@ def _resolved(tree, read):
 
 
 def _load_sharded(load_dir, model, model_key, strict, verify, placement, load_xser=None):
-    """Check a sharded load (ours, or upstream's layout); return (its read phase, the bytes of the tensors it
-    returns beyond the model)."""
+    """Check a sharded load (ours, or upstream's layout); return (its read phase, whether that returns tensors
+    beyond the model)."""
     if find_upstream_folder(load_dir) is not None:
         checkpoint = UpstreamCheckpoint(load_dir, load_xser)
         layouts = model_layouts(model) if model is not None else {}
@@ -568,7 +544,7 @@ def _load_sharded(load_dir, model, model_key, strict, verify, placement, load_xs
 
 def _sharded_read_phase(source: ShardedSource, tree, model, model_key, strict, placement, verify: bool):
     """Check the load of `tree` (this rank's state, `TensorRef`s read from `source`), with the checksums of what it
-    reads if `verify`; return (its read phase, the bytes of the tensors it returns beyond the model)."""
+    reads if `verify`; return (its read phase, whether that returns tensors beyond the model)."""
     load_dir, manifest = source.load_dir, source.manifest
     targets, sources, rest, layouts = None, {}, tree, {}
     if model is not None:
@@ -603,12 +579,11 @@ def _sharded_read_phase(source: ShardedSource, tree, model, model_key, strict, p
                     source.read_into(targets[key], name, layouts.get(name))
         return _resolved(rest, source.read)
 
-    return read_phase, source.read_bytes(rest_names)
+    return read_phase, bool(rest_names)
 
 
 def _load_unsharded(path, model, model_key, strict, placement):
-    """Check an unsharded load into `model`; return (its read phase, the bytes of the tensors it returns beside the
-    model's)."""
+    """Check an unsharded load into `model`; return (its read phase, False: it returns nothing)."""
     targets = model.state_dict(keep_vars=True)
     source = _JoinedParts.around(open_unsharded(path, model_key), targets)
     sources = _match_keys(model, targets, source.keys(), strict)
@@ -653,7 +628,7 @@ def _load_unsharded(path, model, model_key, strict, placement):
         _copy_into(targets, sources, read)
         return _owned(rest)
 
-    return read_phase, sum(tensor.nbytes for tensor in _tensors_in(rest))
+    return read_phase, bool(_tensors_in(rest))
 
 
 def _unsharded_rest(path: str, model_key: str | None):
@@ -780,25 +755,25 @@ def load(load_dir: str, model: nn.Module | None = None, model_key: str | None = 
     layout, False the torch.save one, None (the default) detects it.
     """
     placement = current_placement()
-    read_phase, held_bytes, error, optimizer = None, 0, None, None
+    read_phase, returns_tensors, error, optimizer = None, False, None, None
     try:
         load_dir = os.fspath(load_dir)
         model, optimizer = _model_or_optimizer(model, model_or_optimizer, sharded)
         _check_load_arguments(model, model_key, sharded, strict, verify)
         _check_upstream_arguments(load_xser, weights_only, sharded)
         if sharded:
-            read_phase, held_bytes = _load_sharded(load_dir, model, model_key, strict, verify, placement, load_xser)
+            read_phase, returns_tensors = _load_sharded(load_dir, model, model_key, strict, verify, placement, load_xser)
         elif model is None:
             raise CheckpointArgumentError(
                 "load(..., sharded=False) needs the model to load into: an unsharded checkpoint is sliced by the "
                 "model's parameters; pass model=your_model."
             )
         else:
-            read_phase, held_bytes = _load_unsharded(load_dir, model, model_key, strict, placement)
+            read_phase, returns_tensors = _load_unsharded(load_dir, model, model_key, strict, placement)
     except Exception as caught:  # every rank learns about it before any model changes
         error = as_read_error(caught, str(load_dir))
-    reports = agree(placement, error, "checking the checkpoint", (socket.gethostname(), held_bytes, _available_memory()))
-    loaded = _in_turns(placement, read_phase, _load_turns(placement, reports), load_dir)
+    take_turns = any(agree(placement, error, "checking the checkpoint", returns_tensors))
+    loaded = _in_turns(placement, read_phase, take_turns, load_dir)
     return loaded if optimizer is None else _into_optimizer(placement, optimizer, loaded, model_key, load_dir)
 
 

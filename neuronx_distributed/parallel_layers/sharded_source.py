@@ -151,14 +151,6 @@ class ShardedSource:
         self.read_into(out, name, target)
         return out
 
-    def read_bytes(self, names) -> int:
-        """Bytes of the tensors that `read` returns for `names`."""
-        total = 0
-        for name in names:
-            dim, pieces = self.pieces(name)
-            total += math.prod(self._read_shape(name, None, dim, pieces)) * getattr(torch, self.manifest.tensors[name].dtype).itemsize
-        return total
-
     def read_into(self, out: torch.Tensor, name: str, target: Target | None = None) -> None:
         """Copy what `read(name, target)` returns into `out` (cast to its dtype and device), piece by piece: no
         intermediate tensor. A piece that lies in one run of a shard file's bytes and lands in a contiguous CPU
