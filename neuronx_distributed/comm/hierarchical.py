@@ -10,10 +10,13 @@ each slice is reduced once, by one gloo call, and copied everywhere from there.
 
 The all-reduce runs in place: the reduce-scatter writes each rank's slice of the caller's tensor,
 gloo reduces that slice in place, and the all-gather is one shared-memory broadcast from each
-local rank straight into the tensor; only the last count % k elements go through a zero-padded
-buffer (a second, tiny round). No pipelining of pieces: with the cores busy (2 simulated nodes x
-2 ranks on 2 cores, 2026-12) gloo's worker thread and the shared-memory steps compete for them,
-and pipelined pieces took 29-30 ms for 25 MB and 112 ms for 100 MB where one piece took 27 and 105.
+local rank straight into the tensor. When k does not divide the count, the last count % k
+elements are reduced inside the host by one shared-memory all-reduce and cross hosts at the end of
+the last local rank's slice, in the same gloo call (a second round of all three steps on a padded
+buffer cost 3-4 ms more per call, on 2 simulated nodes x 2 ranks on 2 cores, 2026-12). No
+pipelining of pieces: with the cores busy, gloo's worker thread and the shared-memory steps
+compete for them, and pipelined pieces took 29-30 ms for 25 MB and 112 ms for 100 MB where one
+piece took 27 and 105 (same machine).
 
 `reduce_scatter`, `all_gather` and `broadcast` take the same two levels; `barrier` is the
 agreement below. Tensors that shared memory does not run (other dtypes) go to
@@ -214,25 +217,20 @@ class HierarchicalEngine:
 
     def all_reduce_(self, tensor, op):
         self.agree(Call("all_reduce", self.name, tensor.dtype, tensor.numel(), op))
-        flat = tensor.view(-1)
-        count = flat.numel()
-        whole = count // self._k * self._k
-        if whole:
-            self._all_reduce_rows(flat[:whole].view(self._k, -1), op)
-        if whole < count:  # the last count % k elements, zero-padded to one per local rank
-            rows = flat.new_zeros(self._k, 1)
-            rows.view(-1)[: count - whole].copy_(flat[whole:])
-            self._all_reduce_rows(rows, op)
-            flat[whole:].copy_(rows.view(-1)[: count - whole])
-
-    def _all_reduce_rows(self, rows, op):
-        """All-reduce a (k, n) tensor in place: row l is local rank l's slice."""
-        mine = rows[self.local_index]
-        # In place (the C++ reduction's output may alias a source, csrc/reduce_kernels.hpp).
-        self._local_call("reduce_scatter", to_dlpack(rows), to_dlpack(mine), op_name(op))
-        dist.all_reduce(mine, op=op, group=self.across.group)
-        for root in range(self._k):
-            self._local_call("broadcast", to_dlpack(rows[root]), root)
+        flat, name = tensor.view(-1), op_name(op)
+        k, n = self._k, tensor.numel() // self._k
+        # Local rank l's slice is flat[l * n : (l + 1) * n]; the last one runs on over the count % k left.
+        slices = [flat[l * n : (l + 1) * n] for l in range(k - 1)] + [flat[(k - 1) * n :]]
+        if k * n < len(flat):  # those: reduced inside the host first, then across with the last slice
+            self._local_call("all_reduce", to_dlpack(flat[k * n :]), name)
+        mine = slices[self.local_index]
+        if n:  # in place (the C++ reduction's output may alias a source, csrc/reduce_kernels.hpp)
+            self._local_call("reduce_scatter", to_dlpack(flat[: k * n].view(k, n)), to_dlpack(mine[:n]), name)
+        if len(mine):  # the same length on every rank of this across sub-group (empty only if count < k)
+            dist.all_reduce(mine, op=op, group=self.across.group)
+        for root, piece in enumerate(slices):
+            if len(piece):
+                self._local_call("broadcast", to_dlpack(piece), root)
 
     def reduce_scatter(self, tensor, op):
         self.agree(Call("reduce_scatter", self.name, tensor.dtype, tensor.numel(), op))
