@@ -144,6 +144,72 @@ def test_non_contiguous_tensors_and_other_dims(pools):
     pools.run(2, 2, run_non_contiguous_and_other_dims)
 
 
+# Elements per row of a reduce-scatter over 4 ranks (and per broadcast): one step, and several 1 MiB slots.
+HANDLE_SIZES = [3, 1000, 5000, 300_001]
+
+
+def run_handle_reduce_scatter_and_broadcast() -> None:
+    """The engine's calls as `hierarchical` makes them: reduce-scatter into a separate tensor and in place
+    (into this rank's row), broadcast from every root, each against a gloo reference, bit for bit."""
+    from torch.utils.dlpack import to_dlpack
+
+    group = dist.group.WORLD
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    _set_backend("shm")
+    try:
+        handle = comm.set_up(group).shm.handle
+        generator = torch.Generator().manual_seed(7 + rank)
+        for numel in HANDLE_SIZES:
+            for dtype in DTYPES:
+                for op in ("sum", "max"):
+                    for in_place in (False, True):
+                        rows = torch.randn(world, numel, generator=generator).to(dtype)
+                        before = rows.clone()
+                        expected = _sequential_reduce(_torch_gather(rows, group), op)[rank]
+                        out = rows[rank] if in_place else torch.empty(numel, dtype=dtype)
+                        handle.reduce_scatter(to_dlpack(rows), to_dlpack(out), op)
+                        case = f"reduce_scatter {numel} x {dtype} {op}{' in place' if in_place else ''}"
+                        if not torch.equal(out.view(torch.uint8), expected.view(torch.uint8)):
+                            raise AssertionError(f"{case}: differs by {(out - expected).abs().max()}")
+                        others = [q for q in range(world) if q != rank]
+                        if not torch.equal(rows[others], before[others]):
+                            raise AssertionError(f"{case}: changed the other rows of the input")
+                root = numel % world
+                data = torch.randn(numel, generator=generator).to(dtype)
+                expected = _torch_gather(data, group)[root]
+                handle.broadcast(to_dlpack(data), root)
+                if not torch.equal(data.view(torch.uint8), expected.view(torch.uint8)):
+                    raise AssertionError(f"broadcast {numel} x {dtype} from {root}: differs")
+    finally:
+        _set_backend("auto")
+
+
+def test_reduce_scatter_in_place_and_broadcast_through_the_handle_match_gloo(pools):
+    pools.run(WORLD, 2, run_handle_reduce_scatter_and_broadcast)
+
+
+def run_large_non_contiguous() -> None:
+    """Large views through `comm` (several shared-memory slots): the results land in the view."""
+    group = dist.group.WORLD
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    _set_backend("shm")
+    try:
+        base = torch.randn(world * 128, 2048, generator=torch.Generator().manual_seed(rank))
+        view = base.t()  # (2048, world * 128), not contiguous
+        scattered = comm.reduce_scatter(view, dim=1, group=group)
+        expected = _sequential_reduce(_torch_gather(view, group), "sum").chunk(world, dim=1)[rank]
+        torch.testing.assert_close(scattered, expected, rtol=0, atol=0)
+        source = _torch_gather(base, group)[world - 1].t().clone()
+        comm.broadcast(view, src=world - 1, group=group)
+        torch.testing.assert_close(view, source, rtol=0, atol=0)
+    finally:
+        _set_backend("auto")
+
+
+def test_large_non_contiguous_reduce_scatter_and_broadcast(pools):
+    pools.run(WORLD, 2, run_large_non_contiguous)
+
+
 def run_every_spelling_of_an_op() -> str:
     group = parallel_state.get_tensor_model_parallel_group()
     rank = dist.get_rank(group)

@@ -171,6 +171,72 @@ TEST(ShmGroup, AllGatherReduceScatterAndBroadcastMatchTheReference) {
   }
 }
 
+// Rows of a reduce-scatter (row q of rank `rank` holds test_value(rank + q, i)) and the reduction
+// of row `rank` over a world, as the engine must compute it.
+void fill_rows(TypedBuffer& rows, int rank, int world, size_t count) {
+  for (int q = 0; q < world; ++q) {
+    for (size_t i = 0; i < count; ++i) rows.set(q * count + i, test_value(rank + q, i));
+  }
+}
+
+double reduced_row_value(ReduceOp op, int rank, int world, size_t i) {
+  double expected = op == ReduceOp::Sum ? 0 : -1e30;
+  for (int r = 0; r < world; ++r) {
+    const double value = test_value(r + rank, i);
+    expected = op == ReduceOp::Sum ? expected + value : std::max(expected, value);
+  }
+  return expected;
+}
+
+TEST(ShmGroup, ReduceScatterInPlaceOrNotAndBroadcastFromAnyRootMatchTheReference) {
+  for (int world : {2, 3, 4}) {
+    const std::string name = fresh_segment_name();
+    const auto statuses = run_checks(world, [&](int rank) -> std::string {
+      auto group = join_group(name, rank, iota_ranks(world), kSmallSlot);
+      // One step, and several 16 KB slots.
+      for (size_t count : {size_t{1}, size_t{7}, size_t{1001}, size_t{4097}, size_t{70001}}) {
+        for (DType dtype : kAllDTypes) {
+          for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Max}) {
+            for (const bool in_place : {false, true}) {
+              const std::string what = describe(dtype, count, world) + " " + reduce_op_name(op) +
+                                       (in_place ? " in place" : "");
+              TypedBuffer rows(dtype, count * world), separate(dtype, count);
+              fill_rows(rows, rank, world, count);
+              char* out = in_place ? static_cast<char*>(rows.data()) + rank * count * dtype_size(dtype)
+                                   : static_cast<char*>(separate.data());
+              group->reduce_scatter(rows.data(), out, count, dtype, op);
+              const TypedBuffer& result = in_place ? rows : separate;
+              const size_t first = in_place ? rank * count : 0;
+              for (size_t i = 0; i < count; ++i) {
+                if (result.get(first + i) != reduced_row_value(op, rank, world, i)) {
+                  return "reduce_scatter " + what + ": element " + std::to_string(i);
+                }
+              }
+              // The other rows of the input stay as they were.
+              for (int q = 0; q < world; ++q) {
+                for (size_t i = 0; q != rank && i < count; ++i) {
+                  if (rows.get(q * count + i) != test_value(rank + q, i)) return "reduce_scatter " + what + " input";
+                }
+              }
+            }
+          }
+          const int root = static_cast<int>(count % world);
+          TypedBuffer data(dtype, count);
+          for (size_t i = 0; i < count; ++i) data.set(i, test_value(rank, i));
+          group->broadcast(data.data(), data.nbytes(), root, dtype);
+          for (size_t i = 0; i < count; ++i) {
+            if (data.get(i) != test_value(root, i)) {
+              return "broadcast from " + std::to_string(root) + " " + describe(dtype, count, world);
+            }
+          }
+        }
+      }
+      return "";
+    });
+    EXPECT_TRUE(all_zero(statuses)) << "world " << world;
+  }
+}
+
 TEST(ShmGroup, SeveralGroupsOfOneJobWorkInterleaved) {
   // Four ranks: "TP" groups [0, 1] and [2, 3], "DP" groups [0, 2] and [1, 3], all alive.
   const std::string tp_names[] = {fresh_segment_name(), fresh_segment_name()};
