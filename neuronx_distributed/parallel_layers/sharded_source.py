@@ -180,12 +180,6 @@ class ShardedSource:
             return list(shard.spans[name][1])
         return list(self._read_piece(pieces[0][0], name, None, 0, 0).shape)
 
-    def views(self, name: str, target: Target | None = None) -> tuple[int | None, list[torch.Tensor]]:
-        """What `read(name, target)` is made of: (partition dim, the pieces to concatenate along it), or
-        (None, [the whole tensor]); views of the mapped files (each keeps its file mapped), not copies."""
-        dim, pieces = self.pieces(name, target)
-        return dim, [self._read_piece(source, name, dim, start, stop) for source, start, stop in pieces]
-
     def pieces(self, name: str, target: Target | None = None) -> tuple[int | None, list[tuple[int, int, int]]]:
         """Where `read(name, target)` comes from: (partition dim, [(saved TP rank, first row, end row)] to
         concatenate along it), or (None, [(saved TP rank, 0, 0)]) for a whole saved tensor."""
