@@ -44,6 +44,13 @@ constexpr size_t kDirectReduceBytes = 32 << 10;
 // float32, median us per call, zero-copy / through the segment): 4 KB 2.4 / 1.1, 8 KB 2.7 / 1.9,
 // 16 KB 3.2 / 3.4, 32 KB 3.5 / 5.9, 1 MB 48 / 102.
 constexpr size_t kZeroCopyBytes = 16 << 10;
+// ... and up to this size, not beyond: the kernel's copies in process_vm_readv/writev cost about
+// twice a memcpy per byte once the tensors outgrow the caches (12.5 MB read by process_vm_readv
+// in 2.0-2.8 ms, a memcpy of it 0.5 ms), where the segment's memcpys stream. Measured with
+// benchmarks/engine_bandwidth.cpp (2 ranks, float32, unpinned on a machine other work loaded,
+// median us per call, zero-copy / through the segment, three alternating runs): 4 MB 394 / 580,
+// 8 MB 1911 / 1485, 2235 / 1350, 1858 / 1228; 16 MB 5224 / 3338, 5354 / 3191, 4770 / 1183.
+constexpr size_t kZeroCopyMaxBytes = 8 << 20;
 // Bytes of peers' shares read per piece, over all peers: the pieces and the tensor's share being
 // reduced stay in L2 (2 MB on the machine measured; 256 KB was faster than 64 KB there).
 constexpr size_t kZeroCopyPieceBytes = 256 << 10;
@@ -588,7 +595,7 @@ void ShmGroup::all_reduce(void* data, size_t count, DType dtype, ReduceOp op) {
     return;
   }
   auto* bytes = static_cast<char*>(data);
-  if (zero_copy_ && count * element >= kZeroCopyBytes) {
+  if (zero_copy_ && count * element >= kZeroCopyBytes && count * element < kZeroCopyMaxBytes) {
     all_reduce_zero_copy(bytes, count, element, dtype, op, call);
     return;
   }

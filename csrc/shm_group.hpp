@@ -1,10 +1,10 @@
 // The shared-memory collective engine: one segment per group of ranks on this host.
 //
-// Large all-reduces are zero-copy where the kernel lets ranks access each other's memory
-// (process_vm_readv/writev; every rank probes every peer at set-up and all agree): each rank
-// reads its share of every peer's tensor, reduces it and writes the result into every tensor.
-// Otherwise, and for small tensors, data passes through the segment: every rank owns one slot in
-// each of two slot sets. A collective runs as a series of steps:
+// All-reduces of 16 KB to 8 MB are zero-copy where the kernel lets ranks access each other's
+// memory (process_vm_readv/writev; every rank probes every peer at set-up and all agree): each
+// rank reads its share of every peer's tensor, reduces it and writes the result into every
+// tensor. Otherwise, and for other sizes, data passes through the segment: every rank owns one
+// slot in each of two slot sets. A collective runs as a series of steps:
 // before step v a rank writes only its own slot of set v % 2 and then publishes v; after
 // every rank has published v, all read any slot of set v % 2 until they publish v + 1. So no
 // slot is overwritten while a peer may still read it, and a step costs one exchange of
@@ -82,9 +82,9 @@ class ShmGroup {
   // reaches the caller of the collective: the bindings use it to deliver Ctrl-C.
   void set_interruption_check(std::function<void()> check) { interruption_check_ = std::move(check); }
 
-  // Whether large all-reduces access peers' tensors directly: false until the first collective
-  // has run (which every rank runs through the segment), then the same on every rank. Read it
-  // between collectives, in the thread that runs them.
+  // Whether all-reduces of 16 KB to 8 MB access peers' tensors directly: false until the first
+  // collective has run (which every rank runs through the segment), then the same on every rank.
+  // Read it between collectives, in the thread that runs them.
   bool zero_copy() const { return zero_copy_; }
   int rank() const { return rank_; }
   int size() const { return size_; }

@@ -100,6 +100,25 @@ TEST(ShmGroup, ZeroCopyOnlyWhenEveryRankCanAndWants) {
   EXPECT_TRUE(all_zero(statuses));
 }
 
+TEST(ShmGroup, AllReducesAboveTheZeroCopyRangeMatchTheReference) {
+  // 8 MB and more run through the segment even where the group is zero-copy (1 MiB slots here).
+  const std::string name = fresh_segment_name();
+  const auto statuses = run_checks(2, [&](int rank) -> std::string {
+    auto group = join_group(name, rank, iota_ranks(2));
+    for (DType dtype : {DType::Float32, DType::Float64}) {
+      const size_t count = (8 << 20) / dtype_size(dtype) + 1001;
+      TypedBuffer buffer(dtype, count);
+      for (size_t i = 0; i < count; ++i) buffer.set(i, test_value(rank, i));
+      group->all_reduce(buffer.data(), count, dtype, ReduceOp::Sum);
+      for (size_t i = 0; i < count; ++i) {
+        if (buffer.get(i) != test_value(0, i) + test_value(1, i)) return describe(dtype, count, 2);
+      }
+    }
+    return "";
+  });
+  EXPECT_TRUE(all_zero(statuses));
+}
+
 TEST(ShmGroup, AllReduceOfInexactValuesIsBitIdenticalOnEveryRank) {
   const int world = 3;
   const std::string name = fresh_segment_name();
