@@ -168,10 +168,12 @@ def _writing(out_dir: str):
 
 
 def _check_replicated_equal(source_files: list[ShardedSource], names) -> None:
-    """Raise ReplicatedMismatchError if a model tensor recorded as replicated differs between rank files."""
+    """Raise ReplicatedMismatchError if a model tensor recorded as replicated differs between rank files (one
+    written once, in one file, cannot)."""
     first = source_files[0]
     for name in names:
-        if first.manifest.tensors[name].layout != fmt.REPLICATED:
+        entry = first.manifest.tensors[name]
+        if entry.layout != fmt.REPLICATED or entry.file is not None:
             continue
         reference = first.read(name)
         for other in source_files[1:]:
