@@ -27,6 +27,13 @@ across, one in the all-gather), both reducing 3/4 of it; with 4 ranks on 2 busy 
 time decides, and the speed-up stays near that ratio. Across real
 hosts the cross-host part runs as k gloo all-reduces of 1/k of the data each, over H hosts
 instead of a ring over all H x k ranks (2(H-1) steps each instead of 2(Hk-1)).
+`agree` is a fixed cost per call: 1.2-1.4 ms on a quiet machine (2026-12, medians of 500
+calls from a barrier, 1.4-1.9 ms in the agree row at --calls 15; 2.2-2.6 ms when every across
+sub-group ran a gloo max: two tiny gloo all-reduces at once took 1.5 ms there, one 0.8 ms,
+one all-gather 0.5 ms, one broadcast 0.4 ms), a quarter to a third of nxd's time at 1 MB,
+which is why nxd trails gloo there. On a loaded machine each of its two shared-memory steps
+waits for the host's ranks to get a core (1.4 ms each at a load of 6-8), and agree took 3.4
+ms either way.
 
 All rows alternate call by call (so load on the machine hits them alike); a call's time is the
 slowest rank's, from a barrier to its return. The table gives the median and the range (min-max)

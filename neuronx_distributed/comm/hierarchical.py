@@ -12,8 +12,9 @@ The all-reduce runs in place: the reduce-scatter writes each rank's slice of the
 gloo reduces that slice in place, and the all-gather is one shared-memory broadcast from each
 local rank straight into the tensor. When k does not divide the count, the last count % k
 elements are reduced inside the host by one shared-memory all-reduce and cross hosts at the end of
-the last local rank's slice, in the same gloo call (a second round of all three steps on a padded
-buffer cost 3-4 ms more per call, on 2 simulated nodes x 2 ranks on 2 cores, 2026-12). No
+the last local rank's slice, in the same gloo call (on 2 simulated nodes x 2 ranks on 2 cores,
+2026-12, 7 elements took as long as 8, where a second round of all three steps on a padded
+buffer cost 1.4-2.3 ms more per call). No
 pipelining of pieces: with the cores busy, gloo's worker thread and the shared-memory steps
 compete for them, and pipelined pieces took 29-30 ms for 25 MB and 112 ms for 100 MB where one
 piece took 27 and 105 (same machine).
@@ -26,9 +27,9 @@ Before any data moves, every collective of the group (on either engine, or refus
 `comm` for bad input) runs `agree`: a shared-memory max of the call's description inside
 each host; then local rank 0 of each host all-gathers its host's result with the other
 hosts' over gloo, while the host's other ranks wait, and hands them the verdict in one
-shared-memory broadcast. (On 2 simulated nodes x 2 ranks, 2026-12: 1.3-1.4 ms per call
-against 2.3-2.6 ms when every across sub-group ran a gloo max, and 60% of the CPU time; a
-gloo all-gather of a few float64 took 0.6 ms there, an all-reduce 0.8-1.0 ms.) Ranks that
+shared-memory broadcast. (On 2 simulated nodes x 2 ranks on a quiet machine, 2026-12: 1.2-1.4
+ms per call against 2.2-2.6 ms when every across sub-group ran a gloo max, and 60% of the CPU
+time; a gloo all-gather of a few float64 took 0.5 ms there, an all-reduce 0.8 ms.) Ranks that
 issue different calls (a size, dtype, op or root that differs, a dtype that sends one rank
 to torch.distributed, an input that one rank refuses) all raise CollectiveError naming
 every rank's call, at once and with nothing changed, and the group stays usable.
