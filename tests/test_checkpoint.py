@@ -619,19 +619,19 @@ def test_merge_reads_through_short_reads_and_refuses_a_shard_file_that_ends_earl
     """merge's reads fill every view in order even when each read returns only part of what was asked (as on a
     network filesystem), and raise, instead of looping on empty reads, on a shard file that shrank after it was
     checked."""
-    from neuronx_distributed.parallel_layers import checkpoint_tools
+    from neuronx_distributed.parallel_layers.sharded_source import read_exactly
 
     (tmp_path / "short").write_bytes(bytes(range(10)))
     preadv = os.preadv
-    monkeypatch.setattr(checkpoint_tools.os, "preadv", lambda fd, views, offset: preadv(fd, [views[0][:2]], offset))
+    monkeypatch.setattr(os, "preadv", lambda fd, views, offset: preadv(fd, [views[0][:2]], offset))
     views = [memoryview(bytearray(size)) for size in (3, 4, 3)]
     with open(tmp_path / "short", "rb", buffering=0) as file:
-        checkpoint_tools._read_exactly(file, views, 0)
+        read_exactly(file, views, 0, "merge")
         assert b"".join(map(bytes, views)) == bytes(range(10))
         monkeypatch.undo()
         first, second = memoryview(bytearray(6)), memoryview(bytearray(6))
         with pytest.raises(CheckpointCorruptError, match="ended"):
-            checkpoint_tools._read_exactly(file, [first, second], 0)
+            read_exactly(file, [first, second], 0, "merge")
     assert bytes(first) == bytes(range(6)) and bytes(second[:4]) == bytes(range(6, 10))
 
 

@@ -40,12 +40,11 @@ from ..errors import (
 from . import checkpoint_format as fmt
 from .checkpoint_storage import start_writeback
 from .resharding import logical_parts
-from .sharded_source import ShardedSource, Target, check_entry_divisible
+from .sharded_source import ShardedSource, Target, check_entry_divisible, read_exactly
 from .state_tree import TensorRef, decode
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 _BUFFER_BYTES = 8 * 1024**2  # merge reads shard bytes into it and writes it when full
-_IOV_MAX = os.sysconf("SC_IOV_MAX")
 _MERGED_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.tmp)?$|^model\.safetensors\.index\.json(\.tmp)?$")
 _CHECKPOINT_ENTRY = re.compile(r"^manifest\.json(\.[0-9a-f]+\.tmp)?$|^tp_rank_\d+$")
 
@@ -288,7 +287,7 @@ def _write_merged(path: str, source: ShardedSource, tensors: list[tuple[str, str
         def read(rank: int, views: list[memoryview], offset: int) -> None:
             if rank not in opened:
                 opened[rank] = shard_files.enter_context(open(source.check_file(rank).path, "rb", buffering=0))
-            _read_exactly(opened[rank], views, offset)
+            read_exactly(opened[rank], views, offset, "merge")
 
         _write_all(file, struct.pack("<Q", len(text)) + text)
         for _, name, entry in entries:
@@ -344,23 +343,6 @@ def _merged_chunks(source: ShardedSource, name: str, entry: fmt.TensorEntry, rea
             read(rank, views, offset + first * row)
             column += take
         yield buffer[:count * width]
-
-
-def _read_exactly(file, views: list[memoryview], offset: int) -> None:
-    """Fill `views` in turn with the open file's bytes from `offset` (`preadv`, at most IOV_MAX views a call);
-    CheckpointCorruptError if the file ends first."""
-    views, first = [view for view in views if len(view)], 0
-    while first < len(views):
-        count = os.preadv(file.fileno(), views[first:first + _IOV_MAX], offset)
-        if not count:
-            raise CheckpointCorruptError(f"{file.name} ended while merging it: it changed after it was checked; "
-                                         "merge again.")
-        offset += count
-        while first < len(views) and count >= len(views[first]):
-            count -= len(views[first])
-            first += 1
-        if count:
-            views[first] = views[first][count:]
 
 
 def _write_all(file, data) -> None:

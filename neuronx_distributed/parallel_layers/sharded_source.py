@@ -219,7 +219,7 @@ class ShardedSource:
         path, offset, length = run
         if length:
             with open(path, "rb", buffering=0) as file:
-                _pread_exactly(file.fileno(), region.detach().reshape(-1).view(torch.uint8).numpy(), offset, path)
+                read_exactly(file, [region.detach().reshape(-1).view(torch.uint8).numpy()], offset, "load")
         return True
 
     def _read_piece(self, source: int, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
@@ -241,6 +241,7 @@ class ShardedSource:
 
 
 _HUGE_PAGE_BYTES = 2 * 1024 * 1024
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
 @functools.cache
@@ -268,11 +269,20 @@ def _advise_huge_pages(tensor: torch.Tensor) -> None:
         madvise(start, end - start, mmap.MADV_HUGEPAGE)
 
 
-def _pread_exactly(fd: int, buffer, offset: int, path: str) -> None:
-    """Fill `buffer` with the file's bytes from `offset`; CheckpointCorruptError if the file ends first."""
-    view = memoryview(buffer).cast("B")
-    while len(view):
-        count = os.preadv(fd, [view], offset)
+def read_exactly(file, views: list, offset: int, redo: str) -> None:
+    """Fill `views` (writable buffers) in turn with the open file's bytes from `offset` (`preadv`, at most IOV_MAX
+    views a call, through short reads); CheckpointCorruptError, saying to `redo` the operation, if the file ends
+    first."""
+    views = [view for view in (memoryview(buffer).cast("B") for buffer in views) if len(view)]
+    first = 0
+    while first < len(views):
+        count = os.preadv(file.fileno(), views[first:first + _IOV_MAX], offset)
         if not count:
-            raise CheckpointCorruptError(f"{path} ended while reading it: it changed after it was checked; load again.")
-        view, offset = view[count:], offset + count
+            raise CheckpointCorruptError(f"{file.name} ended while reading it: it changed after it was checked; "
+                                         f"{redo} again.")
+        offset += count
+        while first < len(views) and count >= len(views[first]):
+            count -= len(views[first])
+            first += 1
+        if count:
+            views[first] = views[first][count:]
