@@ -46,7 +46,7 @@ from ..errors import (
     IncompleteCheckpointError,
     TracedModelFolderError,
 )
-from .checkpoint_storage import publish, write_aside, write_safetensors
+from .checkpoint_storage import drop_cached_pages, publish, write_aside, write_safetensors
 from .manifest_schema import (  # noqa: F401 - the format's names, used as fmt.<name>
     CHECKSUM,
     FORMAT_NAME,
@@ -229,11 +229,14 @@ def write_shard_file(save_dir: str, tp_rank: int, save_id: str, tensors: dict[st
 
     `tensors` must be CPU and contiguous. The checksums (the file's and each tensor's)
     are computed from them while the file is written (`checkpoint_storage.write_safetensors`),
-    instead of reading the file back.
+    instead of reading the file back. The cached pages of the rank's earlier shard files, which this save
+    replaces, are dropped first (`drop_cached_pages`).
     """
     relative = shard_file_path(tp_rank, save_id)
     final = os.path.join(save_dir, relative)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
+    folder = os.path.dirname(final)
+    os.makedirs(folder, exist_ok=True)
+    drop_cached_pages(os.path.join(folder, name) for name in os.listdir(folder) if _SHARD_FILE.match(name))
     metadata = {
         "format": "pt",
         STRUCTURE_KEY: json.dumps(structure, separators=(",", ":")),

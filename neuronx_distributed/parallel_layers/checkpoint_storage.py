@@ -55,6 +55,23 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         start(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+def drop_cached_pages(paths) -> None:
+    """Ask the kernel to drop the cached pages of the files at `paths` (`posix_fadvise` DONTNEED; missing files and
+    systems without it are skipped). For files about to be replaced: the files stay whole on disk, and the new
+    files' pages reuse that memory instead of the page cache holding both versions at once."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def _flat_bytes(tensor: torch.Tensor) -> memoryview:
     """A CPU contiguous tensor's bytes, without a copy."""
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

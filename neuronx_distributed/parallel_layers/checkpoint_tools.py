@@ -38,7 +38,7 @@ from ..errors import (
     ReshardError,
 )
 from . import checkpoint_format as fmt
-from .checkpoint_storage import start_writeback
+from .checkpoint_storage import drop_cached_pages, start_writeback
 from .resharding import logical_parts
 from .sharded_source import ShardedSource, Target, check_entry_divisible, read_exactly
 from .state_tree import TensorRef, decode
@@ -196,7 +196,8 @@ def merge(load_dir: str, out_dir: str, model_key: str | None = None, max_shard_b
     Every file is written aside and renamed into place once all are complete, so a
     failed merge leaves an earlier merge in `out_dir` as it was (and no `out_dir` if
     there was none); a finished one replaces it, deleting its files that the new one
-    does not have. A model tensor recorded as replicated must be the same in every
+    does not have. The earlier merge's cached pages are dropped before writing
+    (`drop_cached_pages`), so that the new files reuse that memory. A model tensor recorded as replicated must be the same in every
     rank's file.
     """
     check_output_folder(load_dir, out_dir, "merge")
@@ -240,6 +241,7 @@ def _merge_checked(load_dir, out_dir, manifest, model_key, max_shard_bytes, prog
         f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors" for index in range(len(groups))
     ]
     with _writing(out_dir):
+        drop_cached_pages(os.path.join(out_dir, name) for name in os.listdir(out_dir) if _MERGED_FILE.match(name))
         written = []
         try:
             with tqdm(total=len(names), unit="tensor", desc="merge", disable=not progress) as bar:
