@@ -3,14 +3,15 @@
 // changes by.
 //
 //   build/cpp-none/engine_bandwidth [--ranks 2] [--rounds 7] [--dtype float32|bfloat16] [--sizes KB,KB,...]
-//                                   [--slot-kb KB] [--staged]
+//                                   [--slot-kb KB] [--staged | --zero-copy]
 //
 // Every size runs `rounds` rounds; a round times a batch of all_reduce calls (every rank) and
 // then, while the peers wait in a barrier, a batch of memcpy calls of the same bytes in rank 0.
 // Rank 0 prints, per size, the median time per call of each (the median over rounds of each
 // round's median) and the ratio memcpy time / all_reduce time per round as median [min, max]:
-// a ratio taken within one round is fair even when other processes load the machine. --staged
-// turns zero-copy off (every all_reduce through the segment). Where more processes than cores
+// a ratio taken within one round is fair even when other processes load the machine. By default
+// the group decides as users' groups do (ZeroCopy::IfFaster); --staged turns zero-copy off (every
+// all_reduce through the segment), --zero-copy on wherever the processes can. Where more processes than cores
 // compete, a rank waits for its descheduled peer at every step: `chrt -f 10` in front gives both
 // ranks a core for the few seconds of a run (how the numbers in the engine's comments were taken).
 #include <sys/wait.h>
@@ -40,7 +41,7 @@ struct Options {
   int rounds = 7;
   nxd::DType dtype = nxd::DType::Float32;
   size_t slot_bytes = nxd::GroupConfig{}.slot_bytes;
-  bool zero_copy = true;  // --staged: every all_reduce through the segment
+  nxd::ZeroCopy zero_copy = nxd::ZeroCopy::IfFaster;  // --staged: Never, --zero-copy: Always
   std::vector<size_t> sizes{4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20};
 };
 
@@ -59,7 +60,10 @@ Options parse(int argc, char** argv) {
       else if (name == "bfloat16") options.dtype = nxd::DType::BFloat16;
       else throw std::runtime_error("--dtype must be float32 or bfloat16");
     } else if (arg == "--staged") {
-      options.zero_copy = false;
+      options.zero_copy = nxd::ZeroCopy::Never;
+      continue;
+    } else if (arg == "--zero-copy") {
+      options.zero_copy = nxd::ZeroCopy::Always;
       continue;
     } else if (arg == "--slot-kb" && value) {
       options.slot_bytes = std::strtoull(value, nullptr, 10) << 10;
@@ -72,7 +76,7 @@ Options parse(int argc, char** argv) {
       }
     } else {
       throw std::runtime_error("usage: engine_bandwidth [--ranks N] [--rounds N] [--dtype float32|bfloat16] "
-                               "[--sizes KB,KB,...] [--slot-kb KB] [--staged]");
+                               "[--sizes KB,KB,...] [--slot-kb KB] [--staged | --zero-copy]");
     }
     ++i;
   }

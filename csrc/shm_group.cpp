@@ -17,6 +17,7 @@
 #include <random>
 #include <sstream>
 #include <type_traits>
+#include <vector>
 
 #include "errors.hpp"
 
@@ -33,7 +34,7 @@ namespace nxd {
 
 constexpr uint64_t kMagic = 0x6e78642d73686d31ULL;  // "nxd-shm1"
 // 2: call heads carry the Elsewhere reason; 3: per-rank join flags; 4: zero-copy buffers and probes
-constexpr uint32_t kLayoutVersion = 4;
+constexpr uint32_t kLayoutVersion = 5;
 constexpr size_t kSlotAlignment = 4096;
 // Chunks up to this size are reduced whole by every rank in one step; larger ones in two
 // steps, each rank reducing one share, which moves less data per rank.
@@ -51,6 +52,16 @@ constexpr size_t kZeroCopyBytes = 16 << 10;
 // median us per call, zero-copy / through the segment, three alternating runs): 4 MB 394 / 580,
 // 8 MB 1911 / 1485, 2235 / 1350, 1858 / 1228; 16 MB 5224 / 3338, 5354 / 3191, 4770 / 1183.
 constexpr size_t kZeroCopyMaxBytes = 8 << 20;
+// ZeroCopy::IfFaster: zero-copy is used where a process_vm_readv of kKernelCopyProbeBytes (best
+// of kKernelCopyProbeTries) costs at most GroupConfig::kernel_copy_limit (2) memcpys of them. Zero-copy moves each
+// byte between ranks once by a kernel copy, the segment by two memcpys, so kernel copies above
+// about two memcpys lose. Both kinds of machine were seen (benchmarks/engine_bandwidth.cpp, 2
+// ranks, float32, median us per call, zero-copy / through the segment): where the kernel copied
+// 256 KB in about a memcpy's time, the measurements above; on an AMD EPYC VM (Linux 6.18) where
+// it took 4.1 memcpys (18.4 us against 4.5 us), 16 KB 6.0 / 3.1, 256 KB 29.7 / 34.6, 1 MB
+// 93.8-116 / 50.6-54.0, 4 MB 518 / 219.
+constexpr size_t kKernelCopyProbeBytes = 256 << 10;
+constexpr int kKernelCopyProbeTries = 5;
 // Bytes of peers' shares read per piece, over all peers: the pieces and the tensor's share being
 // reduced stay in L2 (2 MB on the machine measured; 256 KB was faster than 64 KB there).
 constexpr size_t kZeroCopyPieceBytes = 256 << 10;
@@ -60,7 +71,11 @@ constexpr size_t kZeroCopyPieceBytes = 256 << 10;
 // (a debugger, SIGSTOP) inside its system call, which could then still write after we return.
 constexpr auto kWritersStopLimit = std::chrono::seconds(1);
 // Waiting: spin this many pauses, then yield the core until kYieldPhase has passed, then
-// sleep on the futex in slices of kSleepSliceNs. Every kPollPeriod of sleeping, check that
+// sleep on the futex in slices of kSleepSliceNs; but sleep at once while the rank waited for
+// last stepped on our CPU (shares_my_cpu): it cannot run until we stop. Schedulers that pack
+// the ranks onto fewer CPUs than they could use do this (the VM we develop on, whose kernel packs
+// vCPUs, ran 2 ranks on one CPU for minutes at a time; spinning and yielding there made a 1 MB
+// all_reduce through the segment 470 us instead of 50). Every kPollPeriod of sleeping, check that
 // the peers still live and run the interruption check: each costs a few system calls (or the
 // GIL), nothing next to 50 ms asleep, and 50 ms is well inside "Ctrl-C answers at once".
 //
@@ -121,6 +136,7 @@ struct alignas(128) RankLine {
   std::atomic<uint32_t> joined;   // 1 once the fields above are written and the segment mapped
   std::atomic<uint32_t> probed;   // 0 until set-up probed the peers, then 1 (could read all) or 2
   std::atomic<uint32_t> writing;  // 1 while this rank may write into peers' tensors (zero-copy)
+  std::atomic<int32_t> cpu;       // a hint, written at each step: the CPU this rank ran on, or -1
 };
 
 static_assert(std::atomic<uint64_t>::is_always_lock_free && std::atomic<uint32_t>::is_always_lock_free &&
@@ -146,6 +162,26 @@ long futex(std::atomic<uint32_t>* word, int op, uint32_t value, const timespec* 
   return ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, value, timeout, nullptr, 0);
 }
 
+// Whether the kernel copies memory between processes in at most `limit` memcpys' time here:
+// process_vm_readv from this process into itself against memcpy, the best of
+// a few tries of each (a try that was descheduled does not count). False where it fails.
+bool kernel_copies_within(double limit) {
+  std::vector<char> from(kKernelCopyProbeBytes, 1), to(kKernelCopyProbeBytes, 0);
+  auto best = std::chrono::nanoseconds::max();
+  auto best_kernel = std::chrono::nanoseconds::max();
+  for (int i = 0; i < kKernelCopyProbeTries; ++i) {
+    const auto start = Clock::now();
+    std::memcpy(to.data(), from.data(), from.size());
+    const auto copied = Clock::now();
+    iovec local{to.data(), to.size()};
+    iovec remote{from.data(), from.size()};
+    if (::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0) != static_cast<ssize_t>(from.size())) return false;
+    best = std::min(best, std::chrono::duration_cast<std::chrono::nanoseconds>(copied - start));
+    best_kernel = std::min(best_kernel, std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - copied));
+  }
+  return static_cast<double>(best_kernel.count()) <= limit * static_cast<double>(best.count());
+}
+
 // Indexed by Collective; 0 is no collective (a corrupt or foreign call head).
 constexpr const char* kCollectiveNames[] = {"?", "all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier"};
 static_assert(std::size(kCollectiveNames) == static_cast<size_t>(Collective::kCount),
@@ -169,6 +205,7 @@ void validate_config(const GroupConfig& config) {
                               std::to_string(config.slot_bytes));
   }
   if (!(config.timeout_s > 0)) throw UnsupportedArgument("timeout must be positive");
+  if (!(config.kernel_copy_limit >= 0)) throw UnsupportedArgument("kernel_copy_limit must be 0 or more");
 }
 
 }  // namespace
@@ -261,6 +298,7 @@ ShmGroup::ShmGroup(const GroupConfig& config, SharedSegment segment)
       slot_bytes_(config.slot_bytes),
       global_ranks_(config.global_ranks),
       want_zero_copy_(config.zero_copy),
+      kernel_copy_limit_(config.kernel_copy_limit),
       probe_token_(std::random_device{}() | static_cast<uint64_t>(std::random_device{}()) << 32),
       timeout_s_(config.timeout_s),
       peer_buffers_(config.global_ranks.size()),
@@ -290,7 +328,9 @@ void ShmGroup::wait_for_peers() {
     wait_during_setup(&ShmGroup::not_joined, "attach to the shared-memory segment");
     // Release, before any step of ours: a peer that has seen one of our steps (acquire) sees the
     // verdict too, in learn_zero_copy().
-    line(rank_).probed.store(want_zero_copy_ && can_read_every_peer() ? 1 : 2, std::memory_order_release);
+    const bool zero_copy = want_zero_copy_ != ZeroCopy::Never && can_read_every_peer() &&
+                           (want_zero_copy_ == ZeroCopy::Always || kernel_copies_within(kernel_copy_limit_));
+    line(rank_).probed.store(zero_copy ? 1 : 2, std::memory_order_release);
   } catch (...) {
     // Failed or interrupted: the name must not outlive the set-up (the destructor may run late).
     try {
@@ -416,6 +456,9 @@ void ShmGroup::enter() {
 uint64_t ShmGroup::step(const Call& call) {
   const uint64_t step = ++step_;
   RankLine& mine = line(rank_);
+  cpu_ = ::sched_getcpu();
+  // Relaxed: a hint for peers that wait for our next step (shares_my_cpu), ordered with nothing.
+  mine.cpu.store(cpu_, std::memory_order_relaxed);
   mine.call_head[step & 1] = call.pack_head();
   mine.call_count[step & 1] = call.count;
   // Waker half of a store-buffering pair with sleep_until_behind_moves(), which writes
@@ -442,10 +485,15 @@ int ShmGroup::first_behind(uint64_t step, int from, std::memory_order order) con
   return -1;
 }
 
+bool ShmGroup::shares_my_cpu(int rank) const {
+  // Relaxed: a stale value only makes us spin or sleep when the other would have been better.
+  return cpu_ >= 0 && line(rank).cpu.load(std::memory_order_relaxed) == cpu_;
+}
+
 void ShmGroup::wait_for_step(uint64_t step, const Call& call) {
   int behind = first_behind(step, 0);
   if (behind < 0) return;
-  for (int i = 0; i < kSpinIterations; ++i) {
+  for (int i = 0; i < kSpinIterations && !shares_my_cpu(behind); ++i) {
     NXD_CPU_RELAX();
     behind = first_behind(step, behind);
     if (behind < 0) return;
@@ -456,7 +504,7 @@ void ShmGroup::wait_for_step(uint64_t step, const Call& call) {
   while (true) {
     check_not_aborted();
     const auto now = Clock::now();
-    if (now - start < kYieldPhase) {
+    if (now - start < kYieldPhase && !shares_my_cpu(behind)) {
       ::sched_yield();
     } else {
       sleep_until_behind_moves(step, behind);

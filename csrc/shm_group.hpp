@@ -29,13 +29,22 @@
 
 namespace nxd {
 
+// Whether a group's all-reduces in the zero-copy range read and write peers' tensors directly
+// (process_vm_readv/writev), where every rank of the group can.
+enum class ZeroCopy : uint8_t {
+  Never,     // always through the segment
+  IfFaster,  // where the kernel's copies are fast enough to win here (measured at set-up)
+  Always,    // whenever every rank can (what tests and benchmarks of the zero-copy path ask for)
+};
+
 struct GroupConfig {
   std::string segment;             // shared-memory name, from segment_name()
   int rank = 0;                    // this process's rank in the group
   std::vector<int> global_ranks;   // the group's ranks in the job, for error messages
   size_t slot_bytes = 1 << 20;     // bytes per rank and slot set: the largest step
   double timeout_s = 1800;         // how long to wait for a peer before failing
-  bool zero_copy = true;           // access peers' tensors directly when every rank of the group can
+  ZeroCopy zero_copy = ZeroCopy::IfFaster;
+  double kernel_copy_limit = 2;    // IfFaster: zero-copy where a kernel copy costs at most this many memcpys
 };
 
 struct SegmentHeader;
@@ -135,6 +144,7 @@ class ShmGroup {
   // Publishes the next step with `call` and returns once every rank has published it.
   uint64_t step(const Call& call);
   void wait_for_step(uint64_t step, const Call& call);
+  bool shares_my_cpu(int rank) const;  // `rank` last stepped on the CPU we ran on at our last step
   void check_calls_agree(uint64_t step, const Call& call);
   void check_not_aborted();
   void check_peers_alive(uint64_t step, const Call& call);
@@ -162,7 +172,8 @@ class ShmGroup {
   int size_;
   size_t slot_bytes_;
   std::vector<int> global_ranks_;
-  bool want_zero_copy_;          // GroupConfig::zero_copy
+  ZeroCopy want_zero_copy_;      // GroupConfig::zero_copy
+  double kernel_copy_limit_;     // GroupConfig::kernel_copy_limit
   const uint64_t probe_token_;   // random; peers read it at probe_token_'s address to test access
   // Any thread, lock-free (set_timeout may run while a collective waits):
   std::atomic<double> timeout_s_;
@@ -179,6 +190,7 @@ class ShmGroup {
   std::vector<char*> peer_buffers_;   // zero-copy: each rank's tensor (its address) in this call
   std::vector<CacheLine> scratch_;    // zero-copy: one piece per rank, read from its tensor
   uint64_t step_ = 0;                 // the last step this rank published (== line(rank_).step)
+  int cpu_ = -1;                      // the CPU this rank ran on at its last step (== line(rank_).cpu)
   std::vector<const void*> sources_;  // scratch: the buffers one reduction reads
   std::string broken_;                // why the group is unusable, empty while it works
   std::mutex mutex_;  // one collective at a time per group in this process

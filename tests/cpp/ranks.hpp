@@ -35,16 +35,8 @@ inline std::vector<int> iota_ranks(int size, int first = 0) {
 }
 
 // Rank 0 creates the segment; the others attach once it exists. All wait for each other.
-inline std::unique_ptr<ShmGroup> join_group(const std::string& name, int rank, const std::vector<int>& global_ranks,
-                                            size_t slot_bytes = 1 << 20, double timeout_s = 30,
-                                            bool zero_copy = true) {
-  GroupConfig config;
-  config.zero_copy = zero_copy;
-  config.segment = name;
-  config.rank = rank;
-  config.global_ranks = global_ranks;
-  config.slot_bytes = slot_bytes;
-  config.timeout_s = timeout_s;
+inline std::unique_ptr<ShmGroup> join_group(GroupConfig config) {
+  const int rank = config.rank;
   std::unique_ptr<ShmGroup> group;
   if (rank == 0) {
     group = ShmGroup::create(config);
@@ -62,6 +54,21 @@ inline std::unique_ptr<ShmGroup> join_group(const std::string& name, int rank, c
   }
   group->wait_for_peers();
   return group;
+}
+
+// join_group of a group that copies through the segment (zero_copy false) or reads and writes
+// peers' tensors wherever it can (true: ZeroCopy::Always, whatever the kernel's copies cost).
+inline std::unique_ptr<ShmGroup> join_group(const std::string& name, int rank, const std::vector<int>& global_ranks,
+                                            size_t slot_bytes = 1 << 20, double timeout_s = 30,
+                                            bool zero_copy = true) {
+  GroupConfig config;
+  config.zero_copy = zero_copy ? ZeroCopy::Always : ZeroCopy::Never;
+  config.segment = name;
+  config.rank = rank;
+  config.global_ranks = global_ranks;
+  config.slot_bytes = slot_bytes;
+  config.timeout_s = timeout_s;
+  return join_group(config);
 }
 
 // The exit status a rank reports when its body threw.

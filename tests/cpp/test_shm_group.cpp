@@ -100,6 +100,38 @@ TEST(ShmGroup, ZeroCopyOnlyWhenEveryRankCanAndWants) {
   EXPECT_TRUE(all_zero(statuses));
 }
 
+TEST(ShmGroup, IfFasterZeroCopyFollowsTheMeasuredKernelCopiesOnEveryRank) {
+  if (!processes_can_read_each_other()) GTEST_SKIP() << "process_vm_readv is not permitted here";
+  const int world = 3;
+  // Per rank, the most memcpys a kernel copy may cost: no copy is free (limit 0), every copy is
+  // within 1e9; one rank that measures too slow turns it off for all.
+  const std::vector<std::pair<std::vector<double>, bool>> cases{
+      {{1e9, 1e9, 1e9}, true}, {{0, 0, 0}, false}, {{1e9, 0, 1e9}, false}};
+  for (const auto& [limits, expected] : cases) {
+    const std::string name = fresh_segment_name();
+    const auto statuses = run_checks(world, [&](int rank) -> std::string {
+      GroupConfig config;
+      config.segment = name;
+      config.rank = rank;
+      config.global_ranks = iota_ranks(world);
+      config.slot_bytes = kSmallSlot;
+      config.zero_copy = ZeroCopy::IfFaster;
+      config.kernel_copy_limit = limits[rank];
+      auto group = join_group(config);
+      group->barrier();
+      if (group->zero_copy() != expected) return expected ? "no zero-copy" : "zero-copy";
+      TypedBuffer buffer(DType::Float32, 100000);
+      for (size_t i = 0; i < buffer.count(); ++i) buffer.set(i, test_value(rank, i));
+      group->all_reduce(buffer.data(), buffer.count(), DType::Float32, ReduceOp::Sum);
+      for (size_t i = 0; i < buffer.count(); ++i) {
+        if (buffer.get(i) != test_value(0, i) + test_value(1, i) + test_value(2, i)) return "wrong sum";
+      }
+      return "";
+    });
+    EXPECT_TRUE(all_zero(statuses)) << "limits " << limits[0] << ", " << limits[1] << ", " << limits[2];
+  }
+}
+
 TEST(ShmGroup, AllReducesAboveTheZeroCopyRangeMatchTheReference) {
   // 8 MB and more run through the segment even where the group is zero-copy (1 MiB slots here).
   const std::string name = fresh_segment_name();
@@ -518,6 +550,9 @@ TEST(ShmGroup, RejectsBadConfiguration) {
   EXPECT_THROW(ShmGroup::create(config), UnsupportedArgument);
   config.rank = 0;
   config.slot_bytes = 1000;
+  EXPECT_THROW(ShmGroup::create(config), UnsupportedArgument);
+  config.slot_bytes = 1 << 20;
+  config.kernel_copy_limit = -1;
   EXPECT_THROW(ShmGroup::create(config), UnsupportedArgument);
   EXPECT_FALSE(segment_exists(config.segment));
 }
