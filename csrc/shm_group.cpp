@@ -33,7 +33,8 @@
 namespace nxd {
 
 constexpr uint64_t kMagic = 0x6e78642d73686d31ULL;  // "nxd-shm1"
-// 2: call heads carry the Elsewhere reason; 3: per-rank join flags; 4: zero-copy buffers and probes
+// 2: call heads carry the Elsewhere reason; 3: per-rank join flags; 4: zero-copy buffers and probes;
+// 5: each rank's CPU hint
 constexpr uint32_t kLayoutVersion = 5;
 constexpr size_t kSlotAlignment = 4096;
 // Chunks up to this size are reduced whole by every rank in one step; larger ones in two
@@ -53,9 +54,9 @@ constexpr size_t kZeroCopyBytes = 16 << 10;
 // 8 MB 1911 / 1485, 2235 / 1350, 1858 / 1228; 16 MB 5224 / 3338, 5354 / 3191, 4770 / 1183.
 constexpr size_t kZeroCopyMaxBytes = 8 << 20;
 // ZeroCopy::IfFaster: zero-copy is used where a process_vm_readv of kKernelCopyProbeBytes (best
-// of kKernelCopyProbeTries) costs at most GroupConfig::kernel_copy_limit (2) memcpys of them. Zero-copy moves each
-// byte between ranks once by a kernel copy, the segment by two memcpys, so kernel copies above
-// about two memcpys lose. Both kinds of machine were seen (benchmarks/engine_bandwidth.cpp, 2
+// of kKernelCopyProbeTries) costs at most GroupConfig::kernel_copy_limit (2) memcpys of them.
+// Zero-copy moves each byte between ranks once by a kernel copy, the segment by two memcpys, so
+// kernel copies above about two memcpys lose. Both kinds of machine were seen (benchmarks/engine_bandwidth.cpp, 2
 // ranks, float32, median us per call, zero-copy / through the segment): where the kernel copied
 // 256 KB in about a memcpy's time, the measurements above; on an AMD EPYC VM (Linux 6.18) where
 // it took 4.1 memcpys (18.4 us against 4.5 us), 16 KB 6.0 / 3.1, 256 KB 29.7 / 34.6, 1 MB
@@ -163,8 +164,8 @@ long futex(std::atomic<uint32_t>* word, int op, uint32_t value, const timespec* 
 }
 
 // Whether the kernel copies memory between processes in at most `limit` memcpys' time here:
-// process_vm_readv from this process into itself against memcpy, the best of
-// a few tries of each (a try that was descheduled does not count). False where it fails.
+// process_vm_readv from this process into itself against memcpy, the best of a few tries of
+// each (a try that was descheduled does not count). False where process_vm_readv fails.
 bool kernel_copies_within(double limit) {
   std::vector<char> from(kKernelCopyProbeBytes, 1), to(kKernelCopyProbeBytes, 0);
   auto best = std::chrono::nanoseconds::max();

@@ -197,8 +197,8 @@ def merge(load_dir: str, out_dir: str, model_key: str | None = None, max_shard_b
     failed merge leaves an earlier merge in `out_dir` as it was (and no `out_dir` if
     there was none); a finished one replaces it, deleting its files that the new one
     does not have. The earlier merge's cached pages are dropped before writing
-    (`drop_cached_pages`), so that the new files reuse that memory. A model tensor recorded as replicated must be the same in every
-    rank's file.
+    (`drop_cached_pages`), so that the new files reuse that memory. A model tensor
+    recorded as replicated must be the same in every rank's file.
     """
     check_output_folder(load_dir, out_dir, "merge")
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
