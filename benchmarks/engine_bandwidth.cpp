@@ -11,9 +11,10 @@
 // round's median) and the ratio memcpy time / all_reduce time per round as median [min, max]:
 // a ratio taken within one round is fair even when other processes load the machine. By default
 // the group decides as users' groups do (ZeroCopy::IfFaster); --staged turns zero-copy off (every
-// all_reduce through the segment), --zero-copy on wherever the processes can. Where more processes than cores
-// compete, a rank waits for its descheduled peer at every step: `chrt -f 10` in front gives both
-// ranks a core for the few seconds of a run (how the numbers in the engine's comments were taken).
+// all_reduce through the segment), --zero-copy on wherever the processes can. Where more
+// processes than cores compete, a rank waits for its descheduled peer at every step: `chrt -f 10`
+// in front gives both ranks a core for the few seconds of a run (how the numbers in the engine's
+// comments were taken).
 #include <sys/wait.h>
 #include <unistd.h>
 
